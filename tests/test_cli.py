@@ -161,5 +161,6 @@ def test_doctor_loads_bundled_model_and_embedder_offline(cli, tmp_path):
     doc = json.loads((run_dirs(tmp_path, "doctor")[0] / "doctor.json").read_text())
     checks = {c["name"]: c for c in doc["checks"]}
     model = checks["base model smollm2-135m-instruct"]
-    assert model["status"] == "pass" and "134.5M params, chat template present" in model["detail"]
+    assert model["status"] == "pass" and "134.5M params, chat template" in model["detail"]
+    assert "generates (4 tokens)" in model["detail"]
     assert checks["embedder all-MiniLM-L6-v2"]["detail"].endswith("dim 384")

@@ -93,8 +93,9 @@ class BaseModelConfig:
     approx_params_b: float = 0.0  # for memory estimates in docs and doctor
 
     def __post_init__(self) -> None:
-        if self.source is ModelSource.gguf_package and not (self.gguf_package and self.gguf_file):
-            raise ValueError(f"base_model.{self.name}: source=gguf_package needs gguf_package and gguf_file")
+        needs_gguf = self.source in (ModelSource.gguf_package, ModelSource.tiny)  # tiny borrows its tokenizer
+        if needs_gguf and not (self.gguf_package and self.gguf_file):
+            raise ValueError(f"base_model.{self.name}: source={self.source.value} needs gguf_package and gguf_file")
         if self.source is ModelSource.hub and not self.repo_id:
             raise ValueError(f"base_model.{self.name}: source=hub needs repo_id")
         if self.source is ModelSource.local and not self.path:
@@ -199,6 +200,36 @@ class DoctorConfig:
 
 
 @dataclass
+class InferConfig:
+    """Decoding for `stage=infer` (greedy when temperature is 0)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("infer: max_new_tokens > 0, temperature >= 0 and 0 < top_p <= 1 are required")
+
+
+@dataclass
+class ServeConfig:
+    """`stage=serve` (the OpenAI-compatible server) and `stage=swap` (its client)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str | None = None  # when set, requests must send `Authorization: Bearer $<that variable>`
+    adapters: list[str] = field(default_factory=list)  # preloaded at start, relative to paths.adapters_dir
+    model_alias: str = "selfalign"  # `model=<alias>` routes to the active adapter (the base when none)
+    max_new_tokens: int = 256  # when a request gives no max_tokens
+    timeout_s: float = 30.0  # stage=swap's HTTP timeout
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"serve.port must be in 1..65535 (got {self.port})")
+
+
+@dataclass
 class SelfAlignConfig:
     paths: PathsConfig = MISSING
     persona: PersonaRef = MISSING
@@ -210,6 +241,10 @@ class SelfAlignConfig:
     stage: StageConfig = MISSING
     lint: LintConfig = field(default_factory=LintConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    adapter: str | None = None  # an adapter dir under paths.adapters_dir; null/none = the base model
+    prompt: str | None = None  # stage=infer's prompt
     seed: int = 42
     debug: bool = False  # show full tracebacks for user errors
     tags: list[str] = field(default_factory=list)

@@ -51,27 +51,85 @@ def materialize_gguf(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> Pat
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    _save_atomically(target, model, tokenizer, marker=str(gguf))
+    return target
+
+
+def _save_atomically(target: Path, model, tokenizer, marker: str) -> None:
+    """Save into a temp dir beside `target`, mark it complete, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / CACHE_COMPLETE).write_text(str(gguf) + "\n", encoding="utf-8")
+        (tmp / CACHE_COMPLETE).write_text(marker + "\n", encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def local_weights_dir(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> str:
     """A directory or hub id that `from_pretrained` can read for this preset."""
     if cfg.source is ModelSource.gguf_package:
         return str(materialize_gguf(cfg, cache_root))
+    if cfg.source is ModelSource.tiny:
+        return str(build_tiny(cfg, cache_root))
     if cfg.source is ModelSource.local:
         return cfg.path
     if cfg.source is ModelSource.hub:
         return cfg.repo_id
-    raise SelfAlignError(f"base_model {cfg.name!r}: source {cfg.source.value} has no weights on disk")
+    raise SelfAlignError(f"base_model {cfg.name!r}: unknown source {cfg.source}")
+
+
+def drop_cache(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> bool:
+    """Remove a preset's built cache (gguf/tiny) so the next load rebuilds it; True if one was removed."""
+    if cfg.source not in (ModelSource.gguf_package, ModelSource.tiny):
+        return False
+    removed = False
+    for path in (Path(cache_root) / "models").glob(f"{cfg.name}-*"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed = True
+    return removed
+
+
+# A tiny Llama with the bundled tokenizer's vocabulary: same architecture and chat template as the
+# default model, ~3M parameters, random weights from a fixed seed. For tests only.
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,  # tied random embeddings just echo the last prompt token
+}
+
+
+def build_tiny(cfg: BaseModelConfig, cache_root: str | os.PathLike, seed: int = 0) -> Path:
+    """A randomly initialised tiny Llama saved as safetensors with the GGUF's tokenizer; cached."""
+    from selfalign.utils.hashing import sha256_json
+
+    gguf = bundled_gguf_path(cfg.gguf_package, cfg.gguf_file)
+    key = sha256_json({"arch": TINY_LLAMA, "seed": seed, "tokenizer": sha256_file(gguf)})[:16]
+    target = Path(cache_root) / "models" / f"{cfg.name}-{key}"
+    if (target / CACHE_COMPLETE).exists():
+        return target
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_LLAMA,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    _save_atomically(target, model, tokenizer, marker=f"tiny seed={seed}")
+    return target

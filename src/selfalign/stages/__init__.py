@@ -14,7 +14,10 @@ from selfalign.errors import SelfAlignError
 
 STAGES: dict[str, str] = {
     "doctor": "selfalign.stages.doctor",
+    "infer": "selfalign.stages.infer",
     "lint": "selfalign.stages.lint",
+    "serve": "selfalign.stages.serve",
+    "swap": "selfalign.stages.swap",
 }
 
 

@@ -89,38 +89,32 @@ def check_accelerator(env: dict) -> Check:
 
 
 def check_base_model(cfg: BaseModelConfig, cache_dir: str, load: bool) -> Check:
-    """Find the base model's weights offline and, when `load`, load them and run one forward pass."""
-    from selfalign.runtime.models import bundled_gguf_path, local_weights_dir
+    """Find the base model's weights offline and, when `load`, load them and generate a few tokens."""
+    from selfalign.runtime.models import bundled_gguf_path
 
     name = f"base model {cfg.name}"
     if cfg.source is ModelSource.hub:
         return Check(name, "skip", f"hub preset {cfg.repo_id}: weights come from the HF cache on first use")
-    if cfg.source is ModelSource.tiny:
-        return Check(name, "skip", "tiny random model: built on demand")
-    if cfg.source is ModelSource.gguf_package:
-        gguf = bundled_gguf_path(cfg.gguf_package, cfg.gguf_file)
-        if not load:
-            return Check(name, "pass", f"found {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB)")
     if not load:
-        return Check(name, "pass" if Path(cfg.path).is_dir() else "fail", f"local weights at {cfg.path}")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        if cfg.source is ModelSource.local:
+            return Check(name, "pass" if Path(cfg.path).is_dir() else "fail", f"local weights at {cfg.path}")
+        gguf = bundled_gguf_path(cfg.gguf_package, cfg.gguf_file)
+        return Check(name, "pass", f"found {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB)")
+    from selfalign.runtime.loader import generate, load_base
 
     t0 = time.perf_counter()
-    weights = local_weights_dir(cfg, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(weights)
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Say hi."}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
-    with torch.no_grad():
-        logits = model(ids).logits
+    handle = load_base(cfg, device="cpu", cache_dir=cache_dir)
     secs = time.perf_counter() - t0
-    if not torch.isfinite(logits).all():
-        return Check(name, "fail", "loaded, but the forward pass gave non-finite logits")
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    template = "chat template present" if tokenizer.chat_template else "NO chat template (set one in the runtime)"
-    return Check(name, "pass", f"loaded offline in {secs:.1f} s: {params:.1f}M params, {template}")
+    reply = generate(handle, ["Say hi."], max_new_tokens=4)
+    if reply.completion_tokens[0] == 0:
+        return Check(name, "fail", "loaded, but generated nothing")
+    params = sum(p.numel() for p in handle.model.parameters()) / 1e6
+    return Check(
+        name,
+        "pass",
+        f"loaded offline in {secs:.1f} s: {params:.1f}M params, chat template {handle.template_hash[:12]}, "
+        f"generates ({reply.completion_tokens[0]} tokens)",
+    )
 
 
 def check_embedder(load: bool) -> Check:

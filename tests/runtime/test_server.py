@@ -1,0 +1,250 @@
+"""The real server in a subprocess on 127.0.0.1, driven by the `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from openai import OpenAI
+
+from selfalign.runtime.adapters import write_random_adapter
+from selfalign.runtime.loader import apply_adapter, infer, load_base
+
+PROMPTS = ["Name a colour.", "Tell me about rivers.", "What is two plus two?"]
+MAX = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+class Server:
+    def __init__(self, root, tmp, *extra, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [
+            sys.executable,
+            "-m",
+            "selfalign",
+            "stage=serve",
+            "base_model=tiny_llama",
+            f"serve.port={self.port}",
+            f"paths.adapters_dir={root}",
+            f"paths.output_dir={tmp}/outputs",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("server did not come up")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Two random adapters on the tiny model, greedy reference outputs computed in this process."""
+    tmp = tmp_path_factory.mktemp("serve")
+    root = tmp / "adapters"
+    handle = load_base("tiny_llama")
+    write_random_adapter(handle, root / "alpha" / "0.0.0", "alpha", seed=1)
+    write_random_adapter(handle, root / "beta" / "0.0.0", "beta", seed=2)
+    refs = {"base": infer(handle, PROMPTS, max_new_tokens=MAX)}
+    for name in ("alpha", "beta"):
+        apply_adapter(handle, f"{name}/0.0.0", root=root)
+        refs[name] = infer(handle, PROMPTS, max_new_tokens=MAX, adapter=name)
+    assert refs["alpha"] != refs["beta"] != refs["base"]
+    server = Server(root, tmp, "serve.adapters=[alpha/0.0.0]")
+    yield server, root, refs, tmp
+    server.stop()
+
+
+def chat(client, model, prompt, **kw):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=MAX, **kw
+    )
+
+
+def test_models_chat_swap_and_stream(setup):
+    server, _root, refs, tmp = setup
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tiny-llama", "selfalign", "alpha"]
+
+    # load beta at runtime, then chat with both adapters and the base by name
+    status, body = http("POST", f"{server.url}/v1/adapters", {"path": "beta/0.0.0"})
+    assert status == 200 and body["name"] == "beta" and body["attach_ms"] > 0
+    assert [m.id for m in client.models.list().data] == ["tiny-llama", "selfalign", "alpha", "beta"]
+    for model, key in (("alpha", "alpha"), ("beta", "beta"), ("tiny-llama", "base")):
+        reply = chat(client, model, PROMPTS[0])
+        assert reply.choices[0].message.content == refs[key][0], model
+        assert reply.usage.completion_tokens > 0 and reply.model == model
+
+    # the alias follows the active adapter; stage=swap (the CLI) changes it mid-session
+    assert chat(client, "selfalign", PROMPTS[1]).choices[0].message.content == refs["base"][1]
+    for adapter, key in (("beta/0.0.0", "beta"), ("alpha/0.0.0", "alpha"), ("none", "base")):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "selfalign",
+                "stage=swap",
+                f"adapter={adapter}",
+                f"serve.port={server.port}",
+                f"paths.output_dir={tmp}/outputs",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert f"active adapter: {key}" in proc.stdout
+        assert chat(client, "selfalign", PROMPTS[1]).choices[0].message.content == refs[key][1]
+
+    # streaming yields the same text as a plain call
+    pieces = [c.choices[0].delta.content or "" for c in chat(client, "beta", PROMPTS[2], stream=True)]
+    assert "".join(pieces) == refs["beta"][2] and len(pieces) > 2
+
+    # unload: the model disappears from the list and answers 404
+    assert http("DELETE", f"{server.url}/v1/adapters/beta")[0] == 200
+    assert "beta" not in [m.id for m in client.models.list().data]
+    status, body = http(
+        "POST", f"{server.url}/v1/chat/completions", {"model": "beta", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "fragment"),
+    [
+        ("POST", "/v1/chat/completions", b"{not json", 400, ""),
+        ("POST", "/v1/chat/completions", {"model": "alpha"}, 400, "messages: Field required"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "temperature": 5},
+            400,
+            "temperature",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model 'nope' not found",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": "x " * 3000}], "max_tokens": 8},
+            400,
+            "context window",
+        ),
+        ("POST", "/v1/adapters", {"path": "../outside"}, 400, "contains '..'"),
+        ("POST", "/v1/adapters", {"path": "/etc"}, 400, "resolves outside the adapter root"),
+        ("POST", "/v1/adapters", {"path": "missing/1.0.0"}, 400, "not found under"),
+        ("POST", "/v1/adapters/swap", {"name": "ghost"}, 404, "adapter 'ghost' is not loaded"),
+        ("DELETE", "/v1/adapters/ghost", None, 404, "not loaded"),
+        ("GET", "/v1/nothing", None, 404, "Not Found"),
+    ],
+)
+def test_bad_requests_get_json_4xx_and_server_keeps_serving(setup, method, path, body, status, fragment):
+    server, *_ = setup
+    got, reply = http(method, server.url + path, body)
+    assert got == status
+    assert fragment in reply["error"]["message"]
+    assert http("GET", f"{server.url}/v1/models")[0] == 200
+
+
+def test_symlink_out_of_root_is_refused(setup, tmp_path):
+    server, root, *_ = setup
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "sneaky").symlink_to(outside)
+    status, reply = http("POST", f"{server.url}/v1/adapters", {"path": "sneaky"})
+    assert status == 400 and "resolves outside the adapter root" in reply["error"]["message"]
+
+
+def test_concurrent_requests_each_get_their_own_adapter_across_a_swap(setup):
+    server, _root, refs, _ = setup
+    assert http("POST", f"{server.url}/v1/adapters", {"path": "beta/0.0.0"})[0] == 200
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    jobs = [(m, i) for i in range(len(PROMPTS)) for m in ("alpha", "beta", "tiny-llama")] * 2
+
+    def one(job):
+        model, i = job
+        return job, chat(client, model, PROMPTS[i]).choices[0].message.content
+
+    def swaps():
+        for target in ("beta", "alpha", None, "beta"):
+            assert http("POST", f"{server.url}/v1/adapters/swap", {"name": target})[0] == 200
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        futures = [pool.submit(one, job) for job in jobs]
+        swapper = pool.submit(swaps)
+        results = [f.result() for f in futures]
+        swapper.result()
+    key = {"alpha": "alpha", "beta": "beta", "tiny-llama": "base"}
+    for (model, i), text in results:
+        assert text == refs[key[model]][i], (model, i)
+    assert http("GET", f"{server.url}/v1/adapters")[1]["active"] == "beta"
+
+
+def test_api_key_is_required_when_configured(setup):
+    _, root, _, tmp = setup
+    server = Server(root, tmp, "serve.api_key_env=SELFALIGN_TEST_KEY", env={"SELFALIGN_TEST_KEY": "s3cret"})
+    try:
+        status, reply = http("GET", f"{server.url}/v1/models")
+        assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+        status, _ = http("GET", f"{server.url}/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert status == 401
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="s3cret")
+        assert [m.id for m in client.models.list().data] == ["tiny-llama", "selfalign"]
+    finally:
+        server.stop()
+
+
+def test_server_binds_loopback_by_default(setup):
+    server, *_ = setup
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{server.port}"], capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip():
+        pytest.skip("ss is not available to inspect listening sockets")
+    local_addresses = [line.split()[3] for line in out.stdout.splitlines()]
+    assert local_addresses == [f"127.0.0.1:{server.port}"]

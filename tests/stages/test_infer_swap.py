@@ -1,0 +1,74 @@
+"""`stage=infer` and `stage=swap` through the real CLI: outputs, records, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfalign.runtime.adapters import write_random_adapter
+from selfalign.runtime.loader import apply_adapter, infer, load_base
+from tests.conftest import run_dirs
+
+PROMPT = "Describe a quiet morning."
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    handle = load_base("tiny_llama")
+    write_random_adapter(handle, root / "alpha" / "0.0.0", "alpha", seed=1)
+    apply_adapter(handle, "alpha/0.0.0", root=root)
+    return root, infer(handle, PROMPT, max_new_tokens=10), infer(handle, PROMPT, max_new_tokens=10, adapter="base")
+
+
+def test_infer_with_adapter_matches_the_library_and_records_it(cli, tmp_path, adapters):
+    root, expected, base = adapters
+    proc = cli(
+        "stage=infer",
+        "base_model=tiny_llama",
+        f"prompt={PROMPT}",
+        "infer.max_new_tokens=10",
+        f"paths.adapters_dir={root}",
+        "adapter=alpha/0.0.0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((run_dirs(tmp_path, "infer")[0] / "infer.json").read_text())
+    assert record["output"] == expected and record["adapter"] == "alpha"
+    assert record["adapter_dir"] == str((root / "alpha" / "0.0.0").resolve())
+    assert record["base_model"] == "tiny-llama" and record["completion_tokens"] == 10
+    proc = cli("stage=infer", "base_model=tiny_llama", f"prompt={PROMPT}", "infer.max_new_tokens=10", "adapter=none")
+    assert proc.returncode == 0
+    assert json.loads((run_dirs(tmp_path, "infer")[1] / "infer.json").read_text())["output"] == base
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "error: stage=infer needs a prompt"),
+        (["prompt=hi", "adapter=ghost/1.0.0"], "error: adapter dir 'ghost/1.0.0' not found under"),
+        (["prompt=hi", "adapter=/etc"], "resolves outside the adapter root"),
+        (["prompt=hi", "base_model=nope"], "Could not find 'base_model/nope'"),
+    ],
+)
+def test_infer_refusals_are_one_clear_line(cli, adapters, args, message):
+    root, *_ = adapters
+    proc = cli("stage=infer", "base_model=tiny_llama", f"paths.adapters_dir={root}", *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_swap_without_a_server_says_so(cli):
+    proc = cli("stage=swap", "adapter=alpha/0.0.0", "serve.port=9")
+    assert proc.returncode == 2
+    assert "no server answering at http://127.0.0.1:9/v1/adapters/swap" in proc.stderr
+    assert "start one with stage=serve" in proc.stderr
+
+
+@pytest.mark.slow
+def test_infer_on_the_bundled_model(cli, tmp_path):
+    proc = cli("stage=infer", "prompt=What is the capital of France?", "infer.max_new_tokens=16")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((run_dirs(tmp_path, "infer")[0] / "infer.json").read_text())
+    assert "Paris" in record["output"] and record["base_model"] == "smollm2-135m-instruct"
