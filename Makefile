@@ -8,7 +8,7 @@ SA := $(BIN)/python -m selfalign
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: all setup doctor lint serve bench test test-fast format check clean
+.PHONY: all setup doctor lint synth serve bench test test-fast format check clean
 
 ## Quickstart 1: install everything, then the main job on the bundled default.
 all: doctor lint
@@ -38,12 +38,16 @@ doctor: setup
 lint: setup
 	$(SA) stage=lint
 
+synth: setup
+	$(SA) stage=synth
+
 serve: setup
 	$(SA) stage=serve
 
 bench: setup
 	$(BIN)/python scripts/bench_swap.py
 	$(BIN)/python scripts/bench_infer.py
+	$(BIN)/python scripts/bench_synth.py
 
 test-fast: $(VENV)/.setup-dev
 	$(BIN)/python -m pytest -m "not slow"

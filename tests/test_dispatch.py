@@ -27,5 +27,5 @@ def test_unknown_stage_is_a_user_error():
 
     from selfalign.errors import SelfAlignError
 
-    with pytest.raises(SelfAlignError, match="choose one of: doctor, infer, lint, serve, swap"):
+    with pytest.raises(SelfAlignError, match="choose one of: doctor, infer, lint, serve, swap, synth"):
         get_stage("train-everything")

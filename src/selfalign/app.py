@@ -7,6 +7,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,10 @@ def run(cfg: DictConfig) -> int:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
+
+
+# Library download/loading bars would tear through the stages' own rich progress displays.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

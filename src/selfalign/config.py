@@ -58,6 +58,7 @@ class PathsConfig:
     output_dir: str = MISSING
     mlruns_dir: str = MISSING
     adapters_dir: str = MISSING
+    data_dir: str = MISSING
     cache_dir: str = MISSING
     run_dir: str = MISSING
 
@@ -230,6 +231,29 @@ class ServeConfig:
 
 
 @dataclass
+class SynthConfig:
+    """`stage=synth`: how many rows, where they go, and the filter thresholds (seed §6)."""
+
+    n: int = 2000
+    out: str = "${paths.data_dir}/sft/${persona.name}.jsonl"
+    overwrite: bool = False  # replace a dataset (or unfinished run) of another persona or config
+    chunk_size: int = 32  # answered tasks per teacher call; refusal rows are added on top
+    max_chars: int = 2400  # hard filter: longest instruction or answer (~350 tokens of answer)
+    style_tau: float = 0.0  # style filter: min cosine to the style centroid (0.35 rejected 91%: DECISIONS.md)
+    dedup_threshold: float = 0.7  # MinHash Jaccard at which two rows are near-duplicates
+    tox_max: float = 0.2  # toxicity filter: max score kept
+    max_chunks_factor: float = 6.0  # give up after n * factor / chunk_size chunks
+
+    def __post_init__(self) -> None:
+        if self.n <= 0:
+            raise ValueError(f"synth.n must be positive (got {self.n})")
+        if self.chunk_size <= 0:
+            raise ValueError(f"synth.chunk_size must be positive (got {self.chunk_size})")
+        if not 0 < self.dedup_threshold <= 1:
+            raise ValueError(f"synth.dedup_threshold must be in (0, 1] (got {self.dedup_threshold})")
+
+
+@dataclass
 class SelfAlignConfig:
     paths: PathsConfig = MISSING
     persona: PersonaRef = MISSING
@@ -243,6 +267,7 @@ class SelfAlignConfig:
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     adapter: str | None = None  # an adapter dir under paths.adapters_dir; null/none = the base model
     prompt: str | None = None  # stage=infer's prompt
     seed: int = 42

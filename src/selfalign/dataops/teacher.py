@@ -1,0 +1,146 @@
+"""Teacher backends: who writes the synthetic answers.
+
+- `LocalTeacher`: a causal LM loaded by the runtime; a call is one batched, left-padded generation.
+- `OpenAITeacher`: any OpenAI-compatible endpoint (vLLM, llama.cpp server, Ollama, a hosted API);
+  requests go out concurrently with bounded parallelism, timeouts and retries with backoff.
+
+Both take the same `Ask` list and return one string per ask (`None` when an ask failed for good, so
+the caller counts and drops it instead of crashing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from selfalign.config import SelfAlignConfig, TeacherKind
+from selfalign.errors import SelfAlignError
+
+
+@dataclass(frozen=True)
+class Ask:
+    messages: list[dict]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    seed: int
+
+
+class TeacherUnavailable(SelfAlignError):
+    """The teacher could not be reached after every retry."""
+
+
+class LocalTeacher:
+    def __init__(self, handle, batch_size: int):
+        self.handle = handle
+        self.batch_size = batch_size
+        self.name = f"local:{handle.name}"
+
+    def complete(self, asks: list[Ask], sampling: Sampling) -> list[str | None]:
+        """Generate in batches of `batch_size`; each batch is seeded from `sampling.seed` and its index."""
+        from selfalign.runtime.loader import generate
+
+        out: list[str | None] = []
+        for start in range(0, len(asks), self.batch_size):
+            batch = asks[start : start + self.batch_size]
+            result = generate(
+                self.handle,
+                [a.messages for a in batch],
+                max_new_tokens=max(a.max_new_tokens for a in batch),
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed * 1000 + start // self.batch_size,
+                adapter="base",
+            )
+            out.extend(result.texts)
+        return out
+
+
+class OpenAITeacher:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        max_concurrency: int,
+        timeout_s: float,
+        max_retries: int,
+        backoff_s: float = 0.5,
+    ):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key = api_key
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.name = f"openai:{model}@{base_url}"
+        self.failures = 0  # asks answered with a refusal status or a malformed reply
+        self._count_lock = threading.Lock()
+
+    def _failed(self) -> None:
+        with self._count_lock:
+            self.failures += 1
+
+    def _post(self, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            return json.loads(response.read())
+
+    def _one(self, ask: Ask, sampling: Sampling, index: int) -> str | None:
+        body = {
+            "model": self.model,
+            "messages": ask.messages,
+            "max_tokens": ask.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed * 1000 + index,
+        }
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                reply = self._post(body)
+                content = reply["choices"][0]["message"]["content"]
+                return content if isinstance(content, str) else None
+            except urllib.error.HTTPError as exc:
+                last = exc
+                if exc.code < 500 and exc.code != 429:  # a request the server will never accept
+                    self._failed()
+                    return None
+            except (KeyError, IndexError, TypeError, ValueError):  # a reply that is not a chat completion
+                self._failed()
+                return None
+            except OSError as exc:  # refused, reset, timed out
+                last = exc
+            if attempt < self.max_retries:
+                time.sleep(self.backoff_s * 2**attempt)
+        raise TeacherUnavailable(f"teacher {self.url} unreachable after {self.max_retries + 1} tries: {last}")
+
+    def complete(self, asks: list[Ask], sampling: Sampling) -> list[str | None]:
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return list(pool.map(lambda ia: self._one(ia[1], sampling, ia[0]), enumerate(asks)))
+
+
+def build_teacher(cfg: SelfAlignConfig):
+    """The teacher the config names; a local one loads its base model here."""
+    t = cfg.teacher
+    if t.kind is TeacherKind.openai:
+        key = os.environ.get(t.api_key_env) if t.api_key_env else None
+        return OpenAITeacher(t.base_url, t.model, key, t.max_concurrency, t.timeout_s, t.max_retries)
+    from selfalign.runtime.loader import load_base
+
+    model = t.model or cfg.base_model
+    return LocalTeacher(load_base(model, cache_dir=cfg.paths.cache_dir), t.batch_size)

@@ -1,0 +1,64 @@
+"""What a persona's style looks like as text: section headings, verbosity budgets, and the style centroid.
+
+The synth stage writes answers with these headings and budgets; the style filter and the eval
+harness score answers against the same centroid, so both sides share one definition.
+
+Style centroid: the mean of the L2-normalised all-MiniLM-L6-v2 embeddings of a few persona
+exemplars built from the persona itself (tone descriptors, description, and a skeleton answer with
+the persona's section headings in order), renormalised. It captures the persona's register and its
+section vocabulary, not its topic; its blind spot is that a topic-heavy answer scores lower than a
+topic-light one of the same style, so compare scores across models on the same prompts.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Sentences per section and a token cap for the whole answer, by verbosity.
+VERBOSITY_SENTENCES = {"short": 1, "medium": 2, "long": 3}
+VERBOSITY_WORDS = {"short": (5, 60), "medium": (30, 160), "long": (60, 300)}  # typical answer length band
+
+
+def section_heading(name: str) -> str:
+    """`next-steps` -> `Next steps`: how a section opens its line (`Next steps: ...`)."""
+    words = re.sub(r"[-_]+", " ", name).strip()
+    return words[:1].upper() + words[1:]
+
+
+def heading_pattern(name: str) -> re.Pattern:
+    """Matches a section's heading at a line start, with optional markdown emphasis or '#'."""
+    words = r"[\s_-]+".join(re.escape(w) for w in re.split(r"[-_\s]+", name.strip()) if w)
+    return re.compile(rf"^[ \t>#*_-]*{words}[*_]*\s*:", re.I | re.M)
+
+
+def sections_found(text: str, structure: list[str]) -> list[str]:
+    """The persona's sections whose headings appear in `text`, in the order they appear."""
+    found = []
+    for name in structure:
+        if m := heading_pattern(name).search(text):
+            found.append((m.start(), name))
+    return [name for _, name in sorted(found)]
+
+
+def style_exemplars(persona: dict) -> list[str]:
+    """Texts that stand for the persona's style; their embedding mean is the style centroid."""
+    style = persona["style"]
+    tone = ", ".join(style["tone"])
+    sentences = VERBOSITY_SENTENCES[style["verbosity"]]
+    filler = " ".join(["This part is written in a {tone} way."] * sentences).format(tone=tone)
+    skeleton = "\n".join(f"{section_heading(s)}: {filler}" for s in style["structure"]) or filler
+    return [
+        f"A {tone} answer.",
+        persona["description"],
+        skeleton,
+        f"{persona['description']} Tone: {tone}.",
+    ]
+
+
+def style_centroid(persona: dict, embed) -> list[float]:
+    """Unit-length mean embedding of `style_exemplars`; `embed(texts)` returns L2-normalised rows."""
+    import numpy as np
+
+    vectors = np.asarray(embed(style_exemplars(persona)), dtype=np.float32)
+    mean = vectors.mean(axis=0)
+    return mean / np.linalg.norm(mean)
