@@ -14,30 +14,16 @@ from __future__ import annotations
 
 import re
 
-# Sentences per section and a token cap for the whole answer, by verbosity.
+import numpy as np
+
+# Sentences per section, by verbosity.
 VERBOSITY_SENTENCES = {"short": 1, "medium": 2, "long": 3}
-VERBOSITY_WORDS = {"short": (5, 60), "medium": (30, 160), "long": (60, 300)}  # typical answer length band
 
 
 def section_heading(name: str) -> str:
     """`next-steps` -> `Next steps`: how a section opens its line (`Next steps: ...`)."""
     words = re.sub(r"[-_]+", " ", name).strip()
     return words[:1].upper() + words[1:]
-
-
-def heading_pattern(name: str) -> re.Pattern:
-    """Matches a section's heading at a line start, with optional markdown emphasis or '#'."""
-    words = r"[\s_-]+".join(re.escape(w) for w in re.split(r"[-_\s]+", name.strip()) if w)
-    return re.compile(rf"^[ \t>#*_-]*{words}[*_]*\s*:", re.I | re.M)
-
-
-def sections_found(text: str, structure: list[str]) -> list[str]:
-    """The persona's sections whose headings appear in `text`, in the order they appear."""
-    found = []
-    for name in structure:
-        if m := heading_pattern(name).search(text):
-            found.append((m.start(), name))
-    return [name for _, name in sorted(found)]
 
 
 def style_exemplars(persona: dict) -> list[str]:
@@ -55,10 +41,8 @@ def style_exemplars(persona: dict) -> list[str]:
     ]
 
 
-def style_centroid(persona: dict, embed) -> list[float]:
+def style_centroid(persona: dict, embed) -> np.ndarray:
     """Unit-length mean embedding of `style_exemplars`; `embed(texts)` returns L2-normalised rows."""
-    import numpy as np
-
     vectors = np.asarray(embed(style_exemplars(persona)), dtype=np.float32)
     mean = vectors.mean(axis=0)
     return mean / np.linalg.norm(mean)

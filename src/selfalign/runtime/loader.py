@@ -23,6 +23,7 @@ from selfalign.runtime.chat import chat_template_hash, ensure_chat_template, ren
 from selfalign.runtime.models import drop_cache, local_weights_dir
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+BASE_ALIASES = (BASE, "base", "none", "null")  # what users may write for "no adapter"
 
 # LoRA target groups (`lora.targets`) mapped to each architecture's module names.
 _SEPARATE_PROJECTIONS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
@@ -259,11 +260,16 @@ def unload_adapter(handle: BaseModelHandle, name: str) -> None:
             handle.active = None
 
 
+def names_base(handle: BaseModelHandle, name: str) -> bool:
+    """Whether `name` means the base model: one of `BASE_ALIASES` or the base model's own name."""
+    return name in BASE_ALIASES or name == handle.name
+
+
 def resolve_adapter_name(handle: BaseModelHandle, adapter: str | None) -> str | None:
     """`None` -> the active adapter; `"base"`/`"none"`/`__base__` -> the base; otherwise a resident name."""
     if adapter is None:
         return handle.active
-    if adapter in (BASE, "base", "none", handle.name):
+    if names_base(handle, adapter):
         return None
     if adapter not in handle.adapters:
         raise SelfAlignError(f"adapter {adapter!r} is not loaded; loaded: {', '.join(handle.adapters) or 'none'}")

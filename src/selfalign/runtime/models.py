@@ -4,6 +4,7 @@ safetensors cache keyed by the GGUF's sha256, so every later load takes seconds 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -31,9 +32,20 @@ def bundled_gguf_path(package: str, filename: str) -> Path:
     return path
 
 
+@functools.cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def gguf_sha256(gguf: Path) -> str:
+    """The GGUF's sha256, computed once per process for an unchanged file (it is ~100 MB)."""
+    stat = gguf.stat()
+    return _file_sha256(str(gguf), stat.st_size, stat.st_mtime_ns)
+
+
 def gguf_cache_dir(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> Path:
     gguf = bundled_gguf_path(cfg.gguf_package, cfg.gguf_file)
-    return Path(cache_root) / "models" / f"{cfg.name}-{sha256_file(gguf)[:16]}"
+    return Path(cache_root) / "models" / f"{cfg.name}-{gguf_sha256(gguf)[:16]}"
 
 
 def materialize_gguf(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> Path:
@@ -96,7 +108,7 @@ def drop_cache(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> bool:
 
 
 # A tiny Llama with the bundled tokenizer's vocabulary: same architecture and chat template as the
-# default model, ~3M parameters, random weights from a fixed seed. For tests only.
+# default model, ~6M parameters, random weights from a fixed seed. For tests only.
 TINY_LLAMA = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -114,7 +126,7 @@ def build_tiny(cfg: BaseModelConfig, cache_root: str | os.PathLike, seed: int = 
     from selfalign.utils.hashing import sha256_json
 
     gguf = bundled_gguf_path(cfg.gguf_package, cfg.gguf_file)
-    key = sha256_json({"arch": TINY_LLAMA, "seed": seed, "tokenizer": sha256_file(gguf)})[:16]
+    key = sha256_json({"arch": TINY_LLAMA, "seed": seed, "tokenizer": gguf_sha256(gguf)})[:16]
     target = Path(cache_root) / "models" / f"{cfg.name}-{key}"
     if (target / CACHE_COMPLETE).exists():
         return target

@@ -32,6 +32,7 @@ from selfalign.runtime.loader import (
     BaseModelHandle,
     apply_adapter,
     generate,
+    names_base,
     set_active,
     unload_adapter,
 )
@@ -262,7 +263,7 @@ def create_app(
         async with admin:
             if body.path is not None:
                 return await run_in_threadpool(load, body.path, body.name, True)
-            name = None if body.name in (None, "base", "none", handle.name) else body.name
+            name = None if body.name is None or names_base(handle, body.name) else body.name
             if name is not None and name not in handle.adapters:
                 raise ApiError(404, f"adapter {name!r} is not loaded; load it with a path", "adapter_not_found")
             set_active(handle, name)

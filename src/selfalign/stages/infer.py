@@ -8,19 +8,17 @@ from rich.panel import Panel
 
 from selfalign.config import SelfAlignConfig
 from selfalign.errors import SelfAlignError
-from selfalign.runtime.loader import apply_adapter, generate, load_base
+from selfalign.runtime.loader import BASE_ALIASES, apply_adapter, generate, load_base
 from selfalign.utils.console import console
 from selfalign.utils.io import write_json
 from selfalign.utils.logging import EventLog
-
-BASE_WORDS = (None, "none", "base", "null")
 
 
 def run(cfg: SelfAlignConfig) -> dict:
     if not cfg.prompt:
         raise SelfAlignError('stage=infer needs a prompt: prompt="Explain the Lindy effect."')
     handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
-    if cfg.adapter not in BASE_WORDS:
+    if cfg.adapter is not None and cfg.adapter not in BASE_ALIASES:
         apply_adapter(handle, cfg.adapter, root=cfg.paths.adapters_dir)
     result = generate(
         handle,

@@ -9,7 +9,7 @@ import urllib.request
 
 from selfalign.config import SelfAlignConfig
 from selfalign.errors import SelfAlignError
-from selfalign.stages.infer import BASE_WORDS
+from selfalign.runtime.loader import BASE_ALIASES
 from selfalign.utils.console import console
 from selfalign.utils.logging import EventLog
 
@@ -34,7 +34,7 @@ def post(url: str, body: dict, key: str | None, timeout: float) -> dict:
 
 def run(cfg: SelfAlignConfig) -> dict:
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1/adapters/swap"
-    body = {"name": None} if cfg.adapter in BASE_WORDS else {"path": cfg.adapter}
+    body = {"name": None} if cfg.adapter is None or cfg.adapter in BASE_ALIASES else {"path": cfg.adapter}
     key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
     reply = post(url, body, key, cfg.serve.timeout_s)
     active = reply.get("active")
