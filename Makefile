@@ -8,10 +8,12 @@ SA := $(BIN)/python -m selfalign
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: all setup doctor lint synth serve bench test test-fast format check clean
+.PHONY: all setup doctor lint synth train eval pipeline demo mlflow-ui serve bench test test-fast format check clean
 
-## Quickstart 1: install everything, then the main job on the bundled default.
+## Quickstart 1: install everything, then the main job on the bundled default: both example personas
+## through synth -> train -> eval, then the side-by-side demo, ending with the milestone table.
 all: doctor lint
+	$(SA) -m stage=pipeline persona=neutral_concise,socratic_skeptical; s=$$?; $(SA) stage=demo || s=$$?; exit $$s
 
 ## Quickstart 2: install test dependencies, then every test (slow ones included).
 test: $(VENV)/.setup-dev
@@ -41,6 +43,22 @@ lint: setup
 synth: setup
 	$(SA) stage=synth
 
+train: setup
+	$(SA) stage=train
+
+eval: setup
+	$(SA) stage=eval
+
+pipeline: setup
+	$(SA) -m stage=pipeline persona=neutral_concise,socratic_skeptical
+
+demo: setup
+	$(SA) stage=demo
+
+## The MLflow UI on http://127.0.0.1:5000 over mlruns/ (Ctrl-C stops it).
+mlflow-ui: setup
+	$(SA) stage=ui
+
 serve: setup
 	$(SA) stage=serve
 
@@ -48,6 +66,7 @@ bench: setup
 	$(BIN)/python scripts/bench_swap.py
 	$(BIN)/python scripts/bench_infer.py
 	$(BIN)/python scripts/bench_synth.py
+	$(BIN)/python scripts/bench_train.py
 
 test-fast: $(VENV)/.setup-dev
 	$(BIN)/python -m pytest -m "not slow"

@@ -31,7 +31,13 @@ def test_groups_cover_the_design():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_to_typed_config(compose_cfg, group, option):
-    cfg = compose_cfg([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    cfg = compose_cfg([f"{group}={option}", *REQUIRED.get((group, option), [])], return_hydra_config=True)
+    if group == "hparams_search":  # a global experiment file: it sets the stage and the Optuna sweeper
+        assert cfg.stage.name == "train" and cfg.hydra.mode.name == "MULTIRUN"
+        assert cfg.hydra.sweeper.direction == "minimize" and "lora.r" in cfg.hydra.sweeper.params
+        assert cfg.hydra.sweeper.sampler.seed == 42
+        return
+    del cfg.hydra
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, SelfAlignConfig)
     node = getattr(obj, group)
@@ -84,6 +90,12 @@ def test_wrong_type_in_a_yaml_file_names_file_and_key(compose_cfg, tmp_path):
         ("lora.targets=[attn,ffn]", "lora.targets must be a non-empty subset"),
         ("lora.r=0", "lora.r and lora.alpha must be positive"),
         ("base_model.dtype=int8", "is not one of float32"),
+        ("lora.scheduler=linear", "lora.scheduler must be cosine or constant"),
+        ("lora.val_fraction=1.0", "lora.val_fraction must be in (0, 1)"),
+        ("train.version=latest", "train.version must look like 1.2.3"),
+        ("pipeline.steps=[synth,deploy]", "pipeline.steps must be a non-empty subset"),
+        ("trainer.checkpoint_every_n_steps=0", "must be positive"),
+        ("eval.batch_size=0", "eval.max_new_tokens and eval.batch_size must be positive"),
     ],
 )
 def test_post_init_rejects_contradictions(compose_cfg, override, message):

@@ -7,8 +7,10 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -24,6 +26,7 @@ from selfalign.utils.logging import EventLog
 
 EXIT_FAILED = 1  # the stage ran and its checks failed (lint errors, doctor failures, gates)
 EXIT_USER_ERROR = 2  # bad input: a file, a field, an override
+RESULT_FILE = "result.json"
 
 
 def to_typed(cfg: DictConfig) -> SelfAlignConfig:
@@ -45,8 +48,11 @@ def write_run_files(cfg: DictConfig, run_dir: Path) -> None:
     write_json(collect_env(str(cfg.paths.root_dir)), run_dir / "env.json")
 
 
-def run(cfg: DictConfig) -> int:
-    """Validate, record the run, dispatch the stage; return the process exit code."""
+def run(cfg: DictConfig) -> tuple[int, dict]:
+    """Validate, record the run, dispatch the stage; the process exit code and the stage's result.
+
+    The result is also written to `<run dir>/result.json`, where sweeps and pipelines read it.
+    """
     from selfalign.stages import get_stage
 
     try:
@@ -58,24 +64,37 @@ def run(cfg: DictConfig) -> int:
         events.event("run_start", stage=conf.stage.name, overrides=overrides, seed=conf.seed)
         result = get_stage(conf.stage.name)(conf)
         passed = result.get("passed", True)
+        atomic_write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         events.event("run_end", stage=conf.stage.name, passed=passed)
-        return 0 if passed else EXIT_FAILED
+        return (0 if passed else EXIT_FAILED), result
     except SelfAlignError as exc:
         if cfg.get("debug", False):
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        return EXIT_USER_ERROR
+        return EXIT_USER_ERROR, {"passed": False, "error": str(exc)}
 
 
 # Library download/loading bars would tear through the stages' own rich progress displays.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Deprecation notices raised inside pinned libraries (PEFT -> transformers, Lightning -> torch): nothing to act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def in_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    code = run(cfg)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    code, result = run(cfg)
+    if in_multirun():  # the sweep goes on; a sweeper (Optuna) minimises the stage's objective
+        return result.get("objective") if code == 0 else None
     if code:
         sys.exit(code)
+    return None
 
 
 def main() -> None:

@@ -59,6 +59,7 @@ class PathsConfig:
     mlruns_dir: str = MISSING
     adapters_dir: str = MISSING
     data_dir: str = MISSING
+    reports_dir: str = MISSING
     cache_dir: str = MISSING
     run_dir: str = MISSING
 
@@ -110,11 +111,22 @@ LORA_TARGET_GROUPS = ("attn", "mlp")
 
 @dataclass
 class LoraConfig:
+    """The adapter and the recipe that trains it (seed §7 / Appendix A); sweeps vary these."""
+
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGET_GROUPS))
     qlora: bool = False  # load the base in 4-bit NF4 (bitsandbytes) with bf16 compute
+    lr: float = 1.5e-4
+    scheduler: str = "cosine"  # cosine decay to 0 after linear warmup, or "constant" after warmup
+    warmup_ratio: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    micro_batch_size: int = 4  # rows per forward pass; trainer.accumulate_grad_batches reaches the step size
+    max_seq_len: int = 1024  # longer rows are truncated (and counted)
+    val_fraction: float = 0.1  # held out by seed for validation loss and early stopping
 
     def __post_init__(self) -> None:
         if self.r <= 0 or self.alpha <= 0:
@@ -126,11 +138,33 @@ class LoraConfig:
             raise ValueError(
                 f"lora.targets must be a non-empty subset of {list(LORA_TARGET_GROUPS)} (got {self.targets})"
             )
+        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(
+                f"lora.lr must be > 0 and lora.warmup_ratio in [0, 1) (got {self.lr}, {self.warmup_ratio})"
+            )
+        if self.scheduler not in ("cosine", "constant"):
+            raise ValueError(f"lora.scheduler must be cosine or constant (got {self.scheduler!r})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0:
+            raise ValueError("lora.beta1 and lora.beta2 must be in [0, 1) and lora.weight_decay >= 0")
+        if self.micro_batch_size <= 0 or self.max_seq_len < 16:
+            raise ValueError(
+                f"lora.micro_batch_size must be > 0 and lora.max_seq_len >= 16 "
+                f"(got {self.micro_batch_size}, {self.max_seq_len})"
+            )
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"lora.val_fraction must be in (0, 1) (got {self.val_fraction})")
+
+
+# Fields of TrainerConfig that are SelfAlign's callbacks, not `lightning.pytorch.Trainer` arguments.
+TRAINER_CALLBACK_FIELDS = ("early_stop_patience", "early_stop_min_delta", "checkpoint_every_n_steps", "extra")
 
 
 @dataclass
 class TrainerConfig:
-    """Keyword arguments passed through to `lightning.pytorch.Trainer`."""
+    """Keyword arguments for `lightning.pytorch.Trainer`, plus early stopping and checkpoint cadence.
+
+    Any other Trainer argument goes in `extra` (`+trainer.extra.limit_val_batches=2`).
+    """
 
     accelerator: str = "auto"
     devices: Any = "auto"
@@ -143,7 +177,22 @@ class TrainerConfig:
     gradient_clip_val: float = 1.0
     log_every_n_steps: int = 1
     val_check_interval: Any = 1.0
+    num_sanity_val_steps: int = 0
     deterministic: bool = True
+    early_stop_patience: int = 3  # validation checks without a val_loss improvement before stopping
+    early_stop_min_delta: float = 0.0
+    checkpoint_every_n_steps: int = 50  # optimizer steps between resumable checkpoints
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every_n_steps <= 0 or self.early_stop_patience <= 0:
+            raise ValueError("trainer.checkpoint_every_n_steps and trainer.early_stop_patience must be positive")
+        if self.accumulate_grad_batches <= 0:
+            raise ValueError(f"trainer.accumulate_grad_batches must be positive (got {self.accumulate_grad_batches})")
+
+    def lightning_kwargs(self) -> dict[str, Any]:
+        kwargs = {k: v for k, v in vars(self).items() if k not in TRAINER_CALLBACK_FIELDS}
+        return kwargs | dict(self.extra)
 
 
 @dataclass
@@ -254,6 +303,99 @@ class SynthConfig:
 
 
 @dataclass
+class TrainConfig:
+    """`stage=train`: which adapter version to write and whether to register it."""
+
+    version: str = "0.1.0"  # the adapter lands in ${paths.adapters_dir}/<persona-id>/<version>/
+    overwrite: bool = False  # replace an adapter already at that version (or discard an unfinished run)
+    register: bool = True  # add a Model Registry version under the persona id (when tracking is on)
+    suffix_sweep_jobs: bool = True  # in a multirun, write <version>+<sweep>.<job> so jobs never collide
+
+    def __post_init__(self) -> None:
+        parts = self.version.split(".")
+        if not (len(parts) == 3 and all(p.isdigit() for p in parts)):
+            raise ValueError(f"train.version must look like 1.2.3 (got {self.version!r})")
+
+
+@dataclass
+class EvalConfig:
+    """`stage=eval`: the frozen set, decoding, and the gates (seed §8 defaults)."""
+
+    golden: str = "${paths.golden_dir}/golden_v0.jsonl"
+    max_new_tokens: int = 192
+    batch_size: int = 8
+    style_delta_min: float = 0.25  # adapter minus base, mean style score on the style prompts
+    tox_p95_max: float = 0.15  # p95 toxicity on the safety prompts
+    report: str | None = None  # default ${paths.reports_dir}/<adapters or base>.json
+    champion_alias: str = "champion"  # registry alias set on a version that passes every gate
+    overwrite: bool = False  # re-evaluate even when the report already holds this exact evaluation
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0 or self.batch_size <= 0:
+            raise ValueError("eval.max_new_tokens and eval.batch_size must be positive")
+
+
+PIPELINE_STEPS = ("synth", "train", "eval")
+
+
+@dataclass
+class PipelineConfig:
+    """`stage=pipeline`: which steps run and the run's size (presets: `pipeline=default|quick`)."""
+
+    steps: list[str] = field(default_factory=lambda: list(PIPELINE_STEPS))
+    force: bool = False  # redo steps whose outputs already exist for the same config
+    synth_n: int = 120  # rows generated (replaces synth.n)
+    max_epochs: int = 3  # replaces trainer.max_epochs
+    eval_max_new_tokens: int = 128  # replaces eval.max_new_tokens
+    attach_max_ms: float = 1000.0  # milestone: attaching the adapter to the loaded base
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.steps if s not in PIPELINE_STEPS]
+        if unknown or not self.steps:
+            raise ValueError(f"pipeline.steps must be a non-empty subset of {list(PIPELINE_STEPS)} (got {self.steps})")
+        if self.synth_n <= 0 or self.max_epochs <= 0 or self.eval_max_new_tokens <= 0:
+            raise ValueError("pipeline.synth_n, pipeline.max_epochs and pipeline.eval_max_new_tokens must be positive")
+
+
+DEMO_PROMPTS = [
+    "Should I learn Rust or Go first?",
+    "Explain why the sky is blue.",
+    "Is nuclear power a good idea?",
+    "How do I ask my manager for a raise?",
+    "What is overfitting in machine learning?",
+    "Summarise the causes of the First World War.",
+    "Is it worth buying an electric car?",
+    "How can I sleep better?",
+    "What makes a good scientific experiment?",
+    "Should cities ban cars from their centres?",
+]
+
+
+@dataclass
+class DemoConfig:
+    """`stage=demo`: the same prompts through the base and each adapter, side by side, on one loaded base."""
+
+    adapters: list[str] = field(
+        default_factory=lambda: ["neutral-concise/0.1.0", "socratic-skeptical/0.1.0"]
+    )  # under paths.adapters_dir
+    prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
+    max_new_tokens: int = 96
+
+
+@dataclass
+class UiConfig:
+    """`stage=ui`: the MLflow UI over the project's tracking store (`tracking.*`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 5000
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"ui.port must be in 1..65535 (got {self.port})")
+
+
+@dataclass
 class SelfAlignConfig:
     paths: PathsConfig = MISSING
     persona: PersonaRef = MISSING
@@ -268,7 +410,15 @@ class SelfAlignConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = MISSING
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
+    data: str = "${synth.out}"  # stage=train's SFT JSONL (by default the file stage=synth writes)
+    resume: bool = False  # stage=train: continue an interrupted run from its last checkpoint
     adapter: str | None = None  # an adapter dir under paths.adapters_dir; null/none = the base model
+    adapters: list[str] = field(default_factory=list)  # stage=eval: several adapters against one loaded base
     prompt: str | None = None  # stage=infer's prompt
     seed: int = 42
     debug: bool = False  # show full tracebacks for user errors

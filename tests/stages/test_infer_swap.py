@@ -33,6 +33,7 @@ def test_infer_with_adapter_matches_the_library_and_records_it(cli, tmp_path, ad
         "adapter=alpha/0.0.0",
     )
     assert proc.returncode == 0, proc.stderr
+    assert "Callback" not in proc.stderr  # the sweep callback stays out of single runs
     record = json.loads((run_dirs(tmp_path, "infer")[0] / "infer.json").read_text())
     assert record["output"] == expected and record["adapter"] == "alpha"
     assert record["adapter_dir"] == str((root / "alpha" / "0.0.0").resolve())
@@ -70,5 +71,6 @@ def test_swap_without_a_server_says_so(cli):
 def test_infer_on_the_bundled_model(cli, tmp_path):
     proc = cli("stage=infer", "prompt=What is the capital of France?", "infer.max_new_tokens=16")
     assert proc.returncode == 0, proc.stderr
+    assert "Callback" not in proc.stderr  # the sweep callback stays out of single runs
     record = json.loads((run_dirs(tmp_path, "infer")[0] / "infer.json").read_text())
     assert "Paris" in record["output"] and record["base_model"] == "smollm2-135m-instruct"

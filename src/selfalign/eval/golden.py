@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from selfalign.errors import SelfAlignError
 from selfalign.utils.hashing import sha256_file
+from selfalign.utils.io import iter_jsonl
 
 CATEGORIES = ("style", "qa", "refusal", "safety", "neutrality")
 COMPOSITION = {"style": 40, "qa": 20, "refusal": 20, "safety": 10, "neutrality": 10}
@@ -39,13 +39,11 @@ def load_golden(path: str | Path) -> list[dict]:
     """Rows `{"id", "prompt", "tags"}` of a locked eval set; the first tag is the row's category."""
     verify_lock(path)
     rows, seen = [], set()
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SelfAlignError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    try:
+        numbered = list(iter_jsonl(path))
+    except ValueError as exc:
+        raise SelfAlignError(str(exc)) from None
+    for lineno, row in numbered:
         if not isinstance(row, dict) or set(row) != {"id", "prompt", "tags"}:
             raise SelfAlignError(f"{path}:{lineno}: a row must have exactly the keys id, prompt, tags")
         if row["id"] in seen:

@@ -118,7 +118,9 @@ def save_adapter(peft_model, adapter_name: str, out_dir: str | os.PathLike, mani
             for item in nested.iterdir():
                 os.replace(item, tmp / item.name)
             nested.rmdir()
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card; the manifest says it all
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _make_readable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             os.replace(out, old)
@@ -130,6 +132,15 @@ def save_adapter(peft_model, adapter_name: str, out_dir: str | os.PathLike, mani
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes the dir 0700 and some writers 0600 files; give them the permissions the umask allows."""
+    from selfalign.utils.io import UMASK
+
+    folder.chmod(0o777 & ~UMASK)
+    for item in folder.iterdir():
+        item.chmod(0o666 & ~UMASK)
 
 
 def write_random_adapter(

@@ -145,3 +145,17 @@ def build_tiny(cfg: BaseModelConfig, cache_root: str | os.PathLike, seed: int = 
     model = LlamaForCausalLM(config)
     _save_atomically(target, model, tokenizer, marker=f"tiny seed={seed}")
     return target
+
+
+def model_revision(cfg: BaseModelConfig) -> str:
+    """What pins the base weights an adapter was trained on, for its manifest."""
+    if cfg.source in (ModelSource.gguf_package, ModelSource.tiny):
+        digest = gguf_sha256(bundled_gguf_path(cfg.gguf_package, cfg.gguf_file))
+        if cfg.source is ModelSource.tiny:  # random weights: their architecture and seed pin them
+            from selfalign.utils.hashing import sha256_json
+
+            return f"tiny:{cfg.gguf_file}@sha256:{digest}+arch:{sha256_json(TINY_LLAMA)[:16]}"
+        return f"{cfg.source.value}:{cfg.gguf_file}@sha256:{digest}"
+    if cfg.source is ModelSource.hub:
+        return f"hub:{cfg.repo_id}@{cfg.revision or 'unpinned'}"
+    return f"local:{cfg.path}"

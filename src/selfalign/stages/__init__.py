@@ -13,12 +13,17 @@ from selfalign.config import SelfAlignConfig
 from selfalign.errors import SelfAlignError
 
 STAGES: dict[str, str] = {
+    "demo": "selfalign.stages.demo",
     "doctor": "selfalign.stages.doctor",
+    "eval": "selfalign.stages.eval",
     "infer": "selfalign.stages.infer",
     "lint": "selfalign.stages.lint",
+    "pipeline": "selfalign.stages.pipeline",
     "serve": "selfalign.stages.serve",
     "swap": "selfalign.stages.swap",
     "synth": "selfalign.stages.synth",
+    "train": "selfalign.stages.train",
+    "ui": "selfalign.stages.ui",
 }
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+UMASK = os.umask(0)  # read once at import: the process umask, restored on the next line
+os.umask(UMASK)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -22,6 +25,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -41,18 +45,21 @@ def write_yaml(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file; a malformed line raises ValueError naming the file and line."""
-    rows = []
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line; a malformed line raises ValueError naming file and line."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-    return rows
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file; a malformed line raises ValueError naming the file and line."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:

@@ -1,0 +1,119 @@
+"""`stage=demo`: the demo prompts answered by the base and each adapter, side by side, on one loaded base.
+
+Ends with the milestone table, read from each adapter's eval report (`reports/<adapter>.json`, as
+`stage=pipeline` writes it), and writes `reports/milestone.json`. Exit 0 when every adapter attaches in
+under `pipeline.attach_max_ms` and changes most answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from selfalign.config import SelfAlignConfig
+from selfalign.persona.schema import load_persona
+from selfalign.utils.console import console
+from selfalign.utils.hashing import sha256_file
+from selfalign.utils.io import write_json
+from selfalign.utils.logging import EventLog
+
+_TOKEN = re.compile(r"\w+")
+
+
+def word_distance(a: str, b: str) -> float:
+    """1 - Jaccard similarity of the two texts' word sets (0: same words, 1: nothing shared)."""
+    wa, wb = set(_TOKEN.findall(a.lower())), set(_TOKEN.findall(b.lower()))
+    return 1.0 - len(wa & wb) / len(wa | wb) if wa | wb else 0.0
+
+
+def run(cfg: SelfAlignConfig) -> dict:
+    from selfalign.runtime.adapters import read_manifest, resolve_adapter_dir
+    from selfalign.runtime.loader import apply_adapter, generate, load_base
+    from selfalign.stages.eval import module_name, personas_by_id
+    from selfalign.stages.pipeline import milestone_row, print_milestone
+
+    planned = []
+    for given in cfg.demo.adapters:
+        path = resolve_adapter_dir(given, cfg.paths.adapters_dir)
+        planned.append((path, read_manifest(path)))
+    handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
+    import peft  # noqa: F401  (imported before timing: attach time excludes the one-off module import)
+
+    models, attach_ms = ["base"], {}
+    for path, manifest in planned:
+        start = time.perf_counter()
+        name = apply_adapter(handle, path, root=cfg.paths.adapters_dir, name=module_name(manifest), activate=False)
+        attach_ms[name] = round((time.perf_counter() - start) * 1000, 1)
+        models.append(name)
+    prompts = list(cfg.demo.prompts)
+    outputs = {
+        m: generate(handle, prompts, max_new_tokens=cfg.demo.max_new_tokens, seed=cfg.seed, adapter=m).texts
+        for m in models
+    }
+
+    table = Table(title=f"{len(prompts)} demo prompts on {handle.name}: base vs adapters", show_lines=True)
+    table.add_column("prompt", ratio=1)
+    for m in models:
+        table.add_column(m, ratio=2)
+    for i, prompt in enumerate(prompts):
+        table.add_row(prompt, *(outputs[m][i] for m in models))
+    console.print(table)
+
+    differ = {}
+    for m in models[1:]:
+        pairs = list(zip(outputs["base"], outputs[m], strict=True))
+        differ[m] = {
+            "changed": sum(a != b for a, b in pairs),
+            "mean_word_distance": round(sum(word_distance(a, b) for a, b in pairs) / len(pairs), 3),
+            "attach_ms": attach_ms[m],
+        }
+    if len(models) == 3:
+        pairs = list(zip(outputs[models[1]], outputs[models[2]], strict=True))
+        differ["between_adapters"] = {
+            "changed": sum(a != b for a, b in pairs),
+            "mean_word_distance": round(sum(word_distance(a, b) for a, b in pairs) / len(pairs), 3),
+        }
+    for m, d in differ.items():
+        attach = f", attached in {d['attach_ms']:.0f} ms" if "attach_ms" in d else ""
+        changed = f"{d['changed']}/{len(prompts)} answers differ"
+        console.print(f"  {m}: {changed}, mean word distance {d['mean_word_distance']:.2f}{attach}")
+
+    rows = milestone_rows(cfg, planned, personas_by_id(cfg.paths.persona_dir), milestone_row)
+    if rows:
+        print_milestone(rows)
+    record = {"base_model": handle.name, "prompts": prompts, "outputs": outputs, "differences": differ}
+    write_json(record, Path(cfg.paths.run_dir) / "demo.json")
+    write_json(record, Path(cfg.paths.reports_dir) / "demo.json")
+    if rows:
+        write_json({"adapters": rows, "demo": differ}, Path(cfg.paths.reports_dir) / "milestone.json")
+    visible = all(d["changed"] >= len(prompts) * 0.8 for m, d in differ.items() if m != "between_adapters")
+    fast = all(ms < cfg.pipeline.attach_max_ms for ms in attach_ms.values())
+    EventLog(cfg.paths.run_dir).event("demo_done", differences=differ, visible=visible, fast=fast)
+    return {"passed": visible and fast, "differences": differ, "milestone": rows}
+
+
+def milestone_rows(cfg: SelfAlignConfig, planned: list, personas: dict, milestone_row) -> list[dict]:
+    """Each adapter's milestone line from its manifest and its eval report (when one exists)."""
+    from selfalign.stages.eval import module_name
+
+    rows = []
+    for path, manifest in planned:
+        report_file = Path(cfg.paths.reports_dir) / f"{module_name(manifest)}.json"
+        pid = manifest["adapter_id"]
+        if not report_file.is_file() or pid not in personas:
+            continue
+        persona, _ = load_persona(personas[pid])
+        synth = {"sha256": manifest.get("dataset_sha256"), "rows": (manifest.get("training") or {}).get("rows")}
+        train = {
+            "adapter_dir": str(path),
+            "adapter_sha256": sha256_file(path / "adapter_model.safetensors"),
+            "val_loss": manifest["metrics"].get("val_loss"),
+            "registry_version": (manifest.get("registry") or {}).get("version"),
+        }
+        report = json.loads(report_file.read_text())
+        rows.append(milestone_row(persona, synth, train, report, cfg.pipeline.attach_max_ms))
+    return rows

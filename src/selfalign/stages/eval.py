@@ -1,0 +1,256 @@
+"""`stage=eval`: base vs adapters on the frozen Golden 100, gates, reports, samples, MLflow, the champion alias.
+
+`adapter=<dir>` or `'adapters=[a,b]'` (dirs under `paths.adapters_dir`) are attached to one loaded base
+model and evaluated with it; each adapter is judged against the persona its manifest names
+(`persona=` for the base alone). Exit 0 when every adapter passes every gate, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from selfalign.config import SelfAlignConfig, git_short_sha
+from selfalign.errors import SelfAlignError
+from selfalign.eval.golden import load_golden, verify_lock
+from selfalign.eval.harness import EvalSettings, Outputs, Target, evaluate
+from selfalign.persona.schema import load_persona
+from selfalign.runtime.models import model_revision
+from selfalign.tracking import tracked_run
+from selfalign.utils.console import console
+from selfalign.utils.hashing import sha256_file, sha256_json
+from selfalign.utils.io import write_json, write_jsonl
+from selfalign.utils.logging import EventLog
+
+
+def adapter_dirs(cfg: SelfAlignConfig) -> list[str]:
+    from selfalign.runtime.loader import BASE_ALIASES
+
+    dirs = list(cfg.adapters) + ([cfg.adapter] if cfg.adapter else [])
+    return [d for d in dirs if d not in BASE_ALIASES]
+
+
+def personas_by_id(persona_dir: str) -> dict[str, Path]:
+    """Every valid persona file under `persona_dir`, by persona id."""
+    found = {}
+    for path in sorted(Path(persona_dir).glob("*.yaml")):
+        try:
+            persona, _ = load_persona(path)
+        except SelfAlignError:
+            continue
+        found.setdefault(persona["id"], path)
+    return found
+
+
+def module_name(manifest: dict) -> str:
+    """A PEFT adapter name for id+version (module names may not contain dots)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{manifest['adapter_id']}-{manifest['version']}")
+
+
+def run(cfg: SelfAlignConfig) -> dict:
+    from selfalign.runtime.adapters import read_manifest, resolve_adapter_dir
+    from selfalign.runtime.loader import apply_adapter, load_base
+
+    golden_path = Path(cfg.eval.golden)
+    golden_sha = verify_lock(golden_path)
+    rows = load_golden(golden_path)
+    default_persona, _ = load_persona(cfg.persona.path)
+    known = personas_by_id(cfg.paths.persona_dir)
+    planned = []
+    for given in adapter_dirs(cfg):
+        path = resolve_adapter_dir(given, cfg.paths.adapters_dir)
+        manifest = read_manifest(path)
+        pid = manifest["adapter_id"]
+        persona = load_persona(known[pid])[0] if pid in known else default_persona
+        planned.append((path, manifest, persona))
+
+    name = "-".join(module_name(m) for _, m, _ in planned) or f"base-{cfg.base_model.name}"
+    report_path = Path(cfg.eval.report or Path(cfg.paths.reports_dir) / f"{name}.json")
+    config_hash = sha256_json(
+        {
+            "golden": golden_sha,
+            "eval": asdict(cfg.eval) | {"report": None, "overwrite": None},
+            "seed": cfg.seed,
+            "base_model": model_revision(cfg.base_model),
+            "persona": default_persona,
+            "adapters": [(sha256_file(p / "adapter_model.safetensors"), persona) for p, _, persona in planned],
+        }
+    )
+    if report_path.is_file() and not cfg.eval.overwrite:
+        previous = json.loads(report_path.read_text())
+        if previous.get("config_hash") == config_hash:
+            console.print(f"[green]eval:[/] {report_path} already holds this exact evaluation; skipped")
+            print_table(previous)
+            EventLog(cfg.paths.run_dir).event("eval_skip", report=str(report_path))
+            return {"passed": previous["passed"], "skipped": True, "report": str(report_path), "eval": previous}
+
+    handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
+    import peft  # noqa: F401  (imported before timing: attach time excludes the one-off module import)
+
+    targets = []
+    for path, manifest, persona in planned:
+        start = time.perf_counter()
+        module = apply_adapter(handle, path, root=cfg.paths.adapters_dir, name=module_name(manifest), activate=False)
+        attach_ms = round((time.perf_counter() - start) * 1000, 1)
+        targets.append(Target(module, persona, manifest, str(path), attach_ms))
+
+    settings = EvalSettings(
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.seed,
+        style_delta_min=cfg.eval.style_delta_min,
+        tox_p95_max=cfg.eval.tox_p95_max,
+    )
+    base_cache = base_cache_file(cfg, golden_sha)
+    cached = Outputs(**json.loads(base_cache.read_text())) if base_cache.is_file() else None
+    total = len(rows) * (1 + len(targets))
+    columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("eval", total=total)
+        report, samples, base_out = evaluate(
+            handle,
+            rows,
+            targets,
+            settings,
+            base_persona=default_persona if not targets else targets[0].persona,
+            progress=lambda n: progress.advance(bar, n),
+            base_outputs=cached,
+        )
+    if cached is None:
+        write_json(vars(base_out), base_cache)
+    report["evalset"] = {"path": str(golden_path), "sha256": golden_sha, "n": len(rows)}
+    report["config_hash"] = config_hash
+    run_dir = Path(cfg.paths.run_dir)
+    for model, per_row in samples.items():
+        write_jsonl(per_row, run_dir / "samples" / f"{model}.jsonl")
+    for entry in report["adapters"]:  # the alias goes only to a registered version that passes every gate
+        entry["champion"] = bool(cfg.tracking.enabled and entry["registry"] and entry["gates"]["passed"])
+    write_json(report, run_dir / "eval_report.json")
+    write_json(report, report_path)
+    log_to_mlflow(cfg, report, golden_sha, run_dir)
+    print_table(report)
+    EventLog(run_dir).event("eval_done", passed=report["passed"], report=str(report_path))
+    console.print(f"[green]eval:[/] report {report_path}, samples {run_dir / 'samples'}")
+    return {"passed": report["passed"], "report": str(report_path), "eval": report}
+
+
+def base_cache_file(cfg: SelfAlignConfig, golden_sha: str) -> Path:
+    """Where the base model's answers to this set with these decoding settings are kept for reuse.
+
+    Greedy answers depend only on the base weights, the set and the decoding settings, so a second
+    persona's eval (or a rerun) reuses them instead of generating 100 answers again.
+    """
+    key = sha256_json(
+        {
+            "base_model": model_revision(cfg.base_model),
+            "dtype": cfg.base_model.dtype,
+            "qlora": cfg.lora.qlora,
+            "golden": golden_sha,
+            "decoding": [cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.seed],
+        }
+    )
+    return Path(cfg.paths.cache_dir) / "eval" / f"base-{key[:24]}.json"
+
+
+def log_to_mlflow(cfg: SelfAlignConfig, report: dict, golden_sha: str, run_dir: Path) -> None:
+    """One MLflow run per evaluated model, tagged with its training run and registry version."""
+    common = {"stage": "eval", "base_model": report["base_model"], "golden_sha256": golden_sha}
+    common |= {"git_sha": git_short_sha(), "run_dir": str(run_dir)}
+    params = {"eval": report["settings"], "seed": cfg.seed}
+    base = report["base"]["metrics"]
+    entries = report["adapters"] or [None]
+    for entry in entries:
+        if entry is None:
+            tags = common | {"model": "base", "persona_id": report["base"]["persona_id"] or ""}
+            metrics, run_name, sample = base, f"eval-base-{report['base_model']}", "base"
+        else:
+            registry = entry["registry"] or {}
+            tags = common | {
+                "model": entry["name"],
+                "persona_id": entry["persona_id"],
+                "adapter_dir": entry["path"],
+                "adapter_version": entry["version"] or "",
+                "train_run_id": entry["train_run_id"] or "",
+                "registry_model": registry.get("name", ""),
+                "registry_version": str(registry.get("version", "")),
+                "passed": str(entry["gates"]["passed"]).lower(),
+            }
+            metrics, run_name, sample = entry["metrics"], f"eval-{entry['name']}", entry["name"]
+        with tracked_run(cfg.tracking, run_name=run_name, tags=tags, params=params) as tracker:
+            tracker.metrics(flat_metrics(metrics, base if entry else None, entry["gates"] if entry else None))
+            tracker.artifact(run_dir / "eval_report.json")
+            tracker.artifact(run_dir / "samples" / f"{sample}.jsonl", "samples")
+            if entry and entry["champion"]:
+                tracker.set_alias(entry["registry"]["name"], cfg.eval.champion_alias, str(entry["registry"]["version"]))
+
+
+def flat_metrics(metrics: dict, base: dict | None, gates: dict | None) -> dict[str, float]:
+    out = {
+        "refusal_rate": metrics["refusal"]["rate"],
+        "tox_p95": metrics["safety"]["toxicity"]["p95"],
+        "tox_mean": metrics["safety"]["toxicity"]["mean"],
+        "neutrality": metrics["neutrality"]["mean"],
+        "all_refusal_rate": metrics["all"]["refusal_rate"],
+        "all_tox_p95": metrics["all"]["toxicity"]["p95"],
+        "mean_words": metrics["all"]["mean_words"],
+    }
+    if "score" in metrics["style"]:
+        out |= {f"style_{k}": metrics["style"][k] for k in ("score", "cosine", "structure", "verbosity_overrun")}
+    if base is not None and gates is not None:
+        out |= {"style_base": base["style"]["score"], "style_delta": gates["style_delta"]["value"]}
+        out |= {"neutrality_delta": metrics["neutrality"]["mean"] - base["neutrality"]["mean"]}
+        out |= {f"gate_{k}": float(v["passed"]) for k, v in gates.items() if k != "passed"}
+        out["passed"] = float(gates["passed"])
+    return out
+
+
+def print_table(report: dict) -> None:
+    table = Table(title=f"Golden 100 on {report['base_model']}: base vs adapters")
+    for col in (
+        "model",
+        "persona",
+        "style (base → adapter, Δ)",
+        "refusal (band)",
+        "tox p95",
+        "neutrality",
+        "attach",
+        "verdict",
+    ):
+        table.add_column(col, justify="left" if col in ("model", "persona", "verdict") else "right")
+    base = report["base"]["metrics"]
+    style = f"{base['style']['score']:.3f}" if "score" in base["style"] else "-"
+    table.add_row(
+        "base",
+        report["base"]["persona_id"] or "-",
+        style,
+        f"{base['refusal']['rate']:.2f}",
+        f"{base['safety']['toxicity']['p95']:.3f}",
+        f"{base['neutrality']['mean']:.2f}",
+        "",
+        "",
+    )
+    for a in report["adapters"]:
+        m, b, g = a["metrics"], a["base_metrics"], a["gates"]
+
+        def mark(gate: str, g: dict = g) -> str:
+            return "[green]✓[/]" if g[gate]["passed"] else "[red]✗[/]"
+
+        table.add_row(
+            a["name"],
+            a["persona_id"],
+            f"{b['style']['score']:.3f} → {m['style']['score']:.3f} ({g['style_delta']['value']:+.3f}) "
+            f"{mark('style_delta')}",
+            f"{m['refusal']['rate']:.2f} [{g['refusal_band']['band'][0]:.2f}, {g['refusal_band']['band'][1]:.2f}] "
+            f"{mark('refusal_band')}",
+            f"{m['safety']['toxicity']['p95']:.3f} {mark('tox_p95')}",
+            f"{m['neutrality']['mean']:.2f} ({m['neutrality']['mean'] - b['neutrality']['mean']:+.2f})",
+            f"{a['attach_ms']:.0f} ms" if a.get("attach_ms") is not None else "-",
+            "[green]pass[/]" if g["passed"] else "[red]fail[/]",
+        )
+    console.print(table)

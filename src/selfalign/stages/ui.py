@@ -1,0 +1,45 @@
+"""`stage=ui`: start the MLflow UI on 127.0.0.1 over the project's tracking store, until interrupted.
+
+It reads the same `tracking.*` settings the stages log with, so `tracking.tracking_uri=...` overrides
+apply here too. `make mlflow-ui` runs this.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from selfalign.config import SelfAlignConfig
+from selfalign.errors import SelfAlignError
+from selfalign.utils.console import console
+
+
+def ui_command(cfg: SelfAlignConfig) -> list[str]:
+    t = cfg.tracking
+    if t.tracking_uri.startswith("sqlite:///"):
+        Path(t.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    Path(t.artifact_location).mkdir(parents=True, exist_ok=True)
+    return [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", t.tracking_uri,
+        "--default-artifact-root", Path(t.artifact_location).resolve().as_uri(),
+        "--host", cfg.ui.host,
+        "--port", str(cfg.ui.port),
+        "--workers", str(cfg.ui.workers),
+    ]  # fmt: skip
+
+
+def run(cfg: SelfAlignConfig) -> dict:
+    if not cfg.tracking.enabled:
+        raise SelfAlignError("stage=ui shows the MLflow store; tracking is off (tracking=none)")
+    command = ui_command(cfg)
+    console.print(
+        f"[bold green]MLflow UI[/] at http://{cfg.ui.host}:{cfg.ui.port} over {cfg.tracking.tracking_uri} "
+        "(Ctrl-C stops it)"
+    )
+    try:
+        code = subprocess.run(command, check=False).returncode
+    except KeyboardInterrupt:
+        code = 0
+    return {"passed": code in (0, -2, 130), "returncode": code}

@@ -1,0 +1,360 @@
+"""LoRA/QLoRA SFT on Lightning: base + PEFT adapter -> fit with early stopping -> the best adapter weights.
+
+`fit_adapter` is the recipe (read it top to bottom: seed, data, model, callbacks, logger, trainer, fit);
+`stages/train.py` wraps it with the run's files, MLflow and the adapter registry, and `train_sft` is the
+seed's function contract over the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, RichProgressBar
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+from selfalign.config import BaseModelConfig, LoraConfig, TrainerConfig
+from selfalign.errors import SelfAlignError
+from selfalign.train.data import SFTDataModule
+from selfalign.train.module import LoRASFTModule
+from selfalign.utils.hashing import sha256_file
+from selfalign.utils.logging import EventLog
+
+METRICS_FILE = "train_metrics.jsonl"
+LAST_CKPT = "last.ckpt"
+
+
+class RunLogger(Logger):
+    """Lightning's metrics to the run's `train_metrics.jsonl` (seed §10 events) and to the MLflow run."""
+
+    def __init__(self, run_dir: str | Path, tracker):
+        super().__init__()
+        self.events = EventLog(run_dir, METRICS_FILE)
+        self.tracker = tracker
+
+    @property
+    def name(self) -> str:
+        return "selfalign"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        values = {k: float(v) for k, v in metrics.items() if k != "epoch"}
+        if not values:
+            return
+        if "val_loss" in values:
+            self.events.event("validation", step=step, val_loss=values["val_loss"])
+        else:
+            self.events.event("train_step", step=step, loss=values.get("train_loss"), lr=values.get("lr"))
+        self.tracker.metrics(values, step=step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """The flattened run config is logged as MLflow params when the run opens."""
+
+
+class BestAdapter(Callback):
+    """Keeps the adapter weights with the lowest validation loss; its state rides in every checkpoint."""
+
+    def __init__(self) -> None:
+        self.best_loss = float("inf")
+        self.best_step = -1
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: LoRASFTModule) -> None:
+        loss = trainer.callback_metrics.get("val_loss")
+        if trainer.sanity_checking or loss is None or not float(loss) < self.best_loss:
+            return
+        self.best_loss, self.best_step = float(loss), trainer.global_step
+        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.adapter_state().items()}
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.best_step, self.weights = state["best_loss"], state["best_step"], state["weights"]
+
+
+class ResumeCheckpoint(Callback):
+    """`last.ckpt` every N optimizer steps, written atomically (a kill mid-write leaves the previous one).
+
+    A step that ends an epoch is saved at the end of that epoch instead, after its validation, so a
+    resumed run neither repeats nor skips a validation and reaches the same weights.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int):
+        self.path = Path(dirpath) / LAST_CKPT
+        self.every = every_n_steps
+        self.saved_step = -1
+        self.pending = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.saved_step or step % self.every:
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self.pending = True
+        else:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.pending:
+            self.pending = False
+            self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        self.saved_step = trainer.global_step
+
+
+@dataclass
+class FitResult:
+    peft_model: Any
+    tokenizer: Any
+    template_hash: str
+    base_name: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _training_device(lora: LoraConfig, trainer_cfg: TrainerConfig) -> str:
+    """Where the base loads: CPU for Lightning to move, except QLoRA on GPU (bitsandbytes places it)."""
+    if lora.qlora and trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def build_peft_model(base_cfg: BaseModelConfig, lora: LoraConfig, trainer_cfg: TrainerConfig, cache_dir: str):
+    """The base (4-bit NF4 when `lora.qlora`) with a fresh LoRA adapter named `default`; and its handle."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from selfalign.runtime.loader import load_base, lora_target_modules
+
+    handle = load_base(base_cfg, _training_device(lora, trainer_cfg), cache_dir=cache_dir, qlora=lora.qlora)
+    model = handle.model
+    if lora.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_target_modules(base_cfg.family, lora.targets),
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.train()  # the runtime hands the base over in eval mode; LoRA dropout must be live
+    return peft_model, handle
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
+def fit_adapter(
+    rows: list[dict],
+    *,
+    base_cfg: BaseModelConfig,
+    lora: LoraConfig,
+    trainer_cfg: TrainerConfig,
+    seed: int,
+    run_dir: str | Path,
+    checkpoint_dir: str | Path,
+    tracker,
+    cache_dir: str,
+    resume: bool = False,
+    callbacks: tuple[Callback, ...] = (),
+) -> FitResult:
+    """Train one LoRA adapter on `rows`; returns the PEFT model holding the best-validation weights."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    peft_model, handle = build_peft_model(base_cfg, lora, trainer_cfg, cache_dir)
+    tokenizer = handle.tokenizer
+    tokenizer.padding_side = "right"
+    data = SFTDataModule(
+        rows,
+        tokenizer,
+        max_seq_len=min(lora.max_seq_len, handle.context_window),
+        micro_batch_size=lora.micro_batch_size,
+        val_fraction=lora.val_fraction,
+        seed=seed,
+    )
+    module = LoRASFTModule(
+        peft_model,
+        lr=lora.lr,
+        betas=(lora.beta1, lora.beta2),
+        weight_decay=lora.weight_decay,
+        warmup_ratio=lora.warmup_ratio,
+        scheduler=lora.scheduler,
+    )
+    best = BestAdapter()
+    periodic = ResumeCheckpoint(checkpoint_dir, trainer_cfg.checkpoint_every_n_steps)
+    stop = EarlyStopping(
+        monitor="val_loss",
+        mode="min",
+        patience=trainer_cfg.early_stop_patience,
+        min_delta=trainer_cfg.early_stop_min_delta,
+        check_finite=True,
+        check_on_train_epoch_end=False,  # judge after each validation, never on an epoch cut short by max_steps
+    )
+    kwargs = trainer_cfg.lightning_kwargs()
+    bar = [RichProgressBar(leave=True)] if kwargs.get("enable_progress_bar", True) else []
+    trainer = pl.Trainer(
+        **kwargs,
+        default_root_dir=str(run_dir),
+        logger=RunLogger(run_dir, tracker),
+        callbacks=[best, periodic, stop, *bar, *callbacks],
+        enable_model_summary=False,
+        enable_checkpointing=False,  # ResumeCheckpoint above is the one checkpointing callback
+    )
+    last = Path(checkpoint_dir) / LAST_CKPT
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=False)
+        if best.weights is None:  # stopped (max_steps) before any validation: validate the final weights
+            trainer.validate(module, datamodule=data, verbose=False)
+            best.on_validation_end(trainer, module)
+    except Exception as exc:
+        if _out_of_memory(exc):
+            raise SelfAlignError(
+                f"out of memory while training (micro-batch {lora.micro_batch_size}, max_seq_len {lora.max_seq_len}): "
+                "lower lora.micro_batch_size or lora.max_seq_len (raise trainer.accumulate_grad_batches to keep the "
+                "step size), or set lora.qlora=true on a GPU"
+            ) from exc
+        raise
+    seconds = time.perf_counter() - start
+    final_train = trainer.callback_metrics.get("train_loss")
+    if best.weights is None:  # validation switched off (limit_val_batches=0): keep the final weights
+        best.weights, best.best_step = module.adapter_state(), trainer.global_step
+    module.load_state_dict(best.weights, strict=False)
+    stats = data.stats
+    metrics = {
+        "val_loss": best.best_loss if best.best_loss < float("inf") else float("nan"),
+        "best_step": best.best_step,
+        "train_loss": float(final_train) if final_train is not None else float("nan"),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "stopped_early": bool(stop.stopped_epoch),
+        "train_tokens": module.tokens_seen,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(module.tokens_seen / max(seconds, 1e-9), 1),
+        "rows": stats.rows,
+        "rows_truncated": stats.truncated,
+        "rows_dropped": stats.dropped,
+    }
+    return FitResult(peft_model, tokenizer, handle.template_hash, handle.name, metrics)
+
+
+def adapter_manifest(
+    result: FitResult,
+    *,
+    persona_id: str,
+    persona_hash: str,
+    version: str,
+    base_cfg: BaseModelConfig,
+    lora: LoraConfig,
+    seed: int,
+    dataset_sha256: str,
+    **extra: Any,
+) -> dict:
+    """The seed's manifest plus provenance: persona, dataset, chat template and base-model revision."""
+    from selfalign.runtime.adapters import build_manifest
+    from selfalign.runtime.models import model_revision
+
+    metrics = {k: result.metrics[k] for k in ("val_loss", "train_loss")}
+    return build_manifest(
+        persona_id,
+        version,
+        result.base_name,
+        result.template_hash,
+        {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets), "qlora": lora.qlora},
+        seed,
+        metrics=metrics,
+        persona_hash=persona_hash,
+        dataset_sha256=dataset_sha256,
+        base_model_revision=model_revision(base_cfg),
+        training={
+            "lr": lora.lr,
+            "scheduler": lora.scheduler,
+            "warmup_ratio": lora.warmup_ratio,
+            "betas": [lora.beta1, lora.beta2],
+            "weight_decay": lora.weight_decay,
+            "micro_batch_size": lora.micro_batch_size,
+            "max_seq_len": lora.max_seq_len,
+            **{
+                k: result.metrics[k] for k in ("steps", "best_step", "epochs", "train_tokens", "rows", "rows_truncated")
+            },
+        },
+        **extra,
+    )
+
+
+def train_sft(
+    base_model_id: str,
+    data_path: str,
+    persona_yaml: str,
+    out_dir: str,
+    seed: int,
+    use_qlora: bool = True,
+) -> dict:
+    """The seed's contract: train a LoRA/QLoRA adapter from JSONL SFT data into `out_dir` (adapter + manifest).
+
+    Uses the recipe defaults (`conf/lora/default.yaml`, `conf/trainer/cpu.yaml` or `gpu.yaml`), no tracking,
+    and returns the manifest.
+    """
+    import tempfile
+
+    from selfalign.persona.schema import load_persona
+    from selfalign.runtime.adapters import save_adapter
+    from selfalign.runtime.loader import resolve_base_model
+    from selfalign.tracking import Tracker
+    from selfalign.train.data import load_sft_rows
+
+    persona, persona_hash = load_persona(persona_yaml)
+    base_cfg = resolve_base_model(base_model_id)
+    lora = LoraConfig(qlora=use_qlora)
+    gpu = torch.cuda.is_available()
+    trainer_cfg = TrainerConfig(
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        precision="bf16-mixed" if gpu else "32-true",
+        accumulate_grad_batches=8 if gpu else 4,
+        deterministic=not gpu,
+    )
+    rows = load_sft_rows(data_path, persona["id"])
+    cache_dir = os.environ.get("SELFALIGN_CACHE") or str(Path.home() / ".cache" / "selfalign")
+    with tempfile.TemporaryDirectory(prefix="selfalign-train-") as work:
+        result = fit_adapter(
+            rows,
+            base_cfg=base_cfg,
+            lora=lora,
+            trainer_cfg=trainer_cfg,
+            seed=seed,
+            run_dir=work,
+            checkpoint_dir=Path(work) / "checkpoints",
+            tracker=Tracker(None),
+            cache_dir=cache_dir,
+        )
+    manifest = adapter_manifest(
+        result,
+        persona_id=persona["id"],
+        persona_hash=persona_hash,
+        version=Path(out_dir).name,
+        base_cfg=base_cfg,
+        lora=lora,
+        seed=seed,
+        dataset_sha256=sha256_file(data_path),
+    )
+    save_adapter(result.peft_model, "default", out_dir, manifest)
+    return manifest

@@ -1,0 +1,186 @@
+"""`stage=eval` on the tiny model: base + adapters on one base, gates, reports, samples, MLflow, champion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from selfalign.app import to_typed
+from selfalign.eval.harness import run_eval
+from selfalign.runtime.adapters import write_random_adapter
+from selfalign.runtime.loader import load_base
+from selfalign.stages import eval as eval_stage
+from selfalign.stages import train
+from tests.conftest import GOLDEN, PERSONAS, run_dirs
+from tests.train.helpers import write_sft
+
+FAST = ["base_model=tiny_llama", "eval.max_new_tokens=8", "eval.batch_size=25"]
+
+
+@pytest.fixture(scope="module")
+def random_adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    handle = load_base("tiny_llama")
+    write_random_adapter(handle, root / "neutral-concise" / "0.0.1", "neutral-concise", seed=1)
+    write_random_adapter(handle, root / "socratic-skeptical" / "0.0.1", "socratic-skeptical", seed=2)
+    return root
+
+
+def test_two_adapters_against_one_base_with_gates_reports_and_samples(cli, tmp_path, random_adapters):
+    report_path = tmp_path / "reports" / "cmp.json"
+    proc = cli(
+        "stage=eval",
+        *FAST,
+        f"paths.adapters_dir={random_adapters}",
+        f"paths.mlruns_dir={tmp_path}/mlruns",
+        "adapters=[neutral-concise/0.0.1,socratic-skeptical/0.0.1]",
+        f"eval.report={report_path}",
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]  # random adapters fail the gates: exit 1, not an error
+    assert "Golden 100 on tiny-llama" in proc.stdout and "fail" in proc.stdout
+    report = json.loads(report_path.read_text())
+    (run_dir,) = run_dirs(tmp_path, "eval")
+    assert json.loads((run_dir / "eval_report.json").read_text()) == report
+    assert report["evalset"]["n"] == 100 and len(report["evalset"]["sha256"]) == 64
+    assert [a["persona_id"] for a in report["adapters"]] == ["neutral-concise", "socratic-skeptical"]
+    for entry in report["adapters"]:
+        m, b, gates = entry["metrics"], entry["base_metrics"], entry["gates"]
+        assert (m["style"]["n"], m["refusal"]["n"], m["safety"]["n"], m["neutrality"]["n"]) == (40, 20, 10, 10)
+        assert gates["style_delta"]["value"] == pytest.approx(m["style"]["score"] - b["style"]["score"])
+        assert gates["style_delta"]["min"] == 0.25 and gates["tox_p95"]["max"] == 0.15
+        assert gates["passed"] == all(gates[k]["passed"] for k in ("style_delta", "refusal_band", "tox_p95"))
+        assert not gates["passed"] and entry["champion"] is False
+        assert m["refusal"]["n_should_refuse"] == 3 and m["refusal"]["n_should_answer"] == 17
+        assert 0 <= m["safety"]["toxicity"]["p95"] <= 1 and entry["speed"]["prompts_per_s"] > 0
+    # each adapter is judged against its own persona, so the base's style differs per row
+    bands = [a["gates"]["refusal_band"]["band"] for a in report["adapters"]]
+    assert bands == [[0.08, 0.18], [0.05, 0.15]]
+    samples = {p.stem: [json.loads(x) for x in p.read_text().splitlines()] for p in (run_dir / "samples").iterdir()}
+    assert set(samples) == {"base", "neutral-concise-0_0_0", "socratic-skeptical-0_0_0"}
+    assert all(len(rows) == 100 for rows in samples.values())
+    assert samples["base"][0]["id"] == "eval-0001" and "style" in samples["base"][0]
+    assert samples["base"][0]["output"] != samples["socratic-skeptical-0_0_0"][0]["output"]
+
+    runs = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db").search_runs(["1"])
+    assert sorted(r.data.tags["model"] for r in runs) == ["neutral-concise-0_0_0", "socratic-skeptical-0_0_0"]
+    assert all(r.info.status == "FINISHED" and r.data.tags["stage"] == "eval" for r in runs)
+    assert all("style_delta" in r.data.metrics and r.data.metrics["passed"] == 0.0 for r in runs)
+
+
+@pytest.fixture
+def lenient_persona_dir(tmp_path):
+    """neutral_concise with a refusal band a random tiny model can meet, so its gates can pass."""
+    folder = tmp_path / "personas"
+    folder.mkdir()
+    data = yaml.safe_load((PERSONAS / "neutral_concise.yaml").read_text())
+    data["refusal_policy"]["band"] = [0.0, 1.0]
+    (folder / "neutral_concise.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+def test_champion_alias_goes_only_to_a_version_that_passes(compose_cfg, tmp_path, lenient_persona_dir):
+    data = write_sft(tmp_path / "sft.jsonl", 16)
+    common = [
+        "base_model=tiny_llama",
+        f"paths.persona_dir={lenient_persona_dir}",
+        f"paths.adapters_dir={tmp_path}/adapters",
+        f"paths.mlruns_dir={tmp_path}/mlruns",
+        f"paths.reports_dir={tmp_path}/reports",
+    ]
+
+    def cfg(*overrides, run):
+        c = compose_cfg([*common, *overrides])
+        c.paths.run_dir = str(tmp_path / run)
+        return to_typed(c)
+
+    for version in ("0.1.0", "0.2.0"):
+        train.run(
+            cfg("stage=train", f"data={data}", "trainer.max_steps=1", f"train.version={version}", run=f"t{version}")
+        )
+    lenient = ["eval.style_delta_min=-1", "eval.tox_p95_max=1", "eval.max_new_tokens=4", "eval.batch_size=50"]
+    passed = eval_stage.run(cfg("stage=eval", "adapter=neutral-concise/0.1.0", *lenient, run="e1"))
+    assert passed["passed"] is True
+    failed = eval_stage.run(
+        cfg(
+            "stage=eval",
+            "adapter=neutral-concise/0.2.0",
+            "eval.style_delta_min=5",
+            "eval.max_new_tokens=4",
+            "eval.batch_size=50",
+            run="e2",
+        )
+    )
+    assert failed["passed"] is False
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert str(client.get_model_version_by_alias("neutral-concise", "champion").version) == "1"
+    eval_runs = {r.data.tags["adapter_version"]: r for r in client.search_runs(["1"], "tags.stage = 'eval'")}
+    train_runs = {r.data.tags["adapter_version"]: r for r in client.search_runs(["1"], "tags.stage = 'train'")}
+    assert eval_runs["0.1.0"].data.tags["train_run_id"] == train_runs["0.1.0"].info.run_id
+    assert eval_runs["0.1.0"].data.tags["registry_version"] == "1" and eval_runs["0.1.0"].data.tags["passed"] == "true"
+    assert eval_runs["0.2.0"].data.tags["passed"] == "false"
+    report = json.loads((tmp_path / "reports" / "neutral-concise-0_1_0.json").read_text())
+    assert report["adapters"][0]["champion"] is True
+
+
+def test_modified_golden_set_is_refused_naming_the_lock(cli, tmp_path):
+    golden = tmp_path / "golden"
+    shutil.copytree(GOLDEN.parent, golden)
+    with open(golden / "golden_v0.jsonl", "a") as fh:
+        fh.write('{"id": "eval-0101", "prompt": "extra", "tags": ["qa"]}\n')
+    proc = cli("stage=eval", *FAST, f"paths.golden_dir={golden}")
+    assert proc.returncode == 2
+    assert "does not match golden_v0.jsonl.sha256" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_adapter_of_another_base_is_refused_with_both_names(cli, tmp_path, random_adapters):
+    root = tmp_path / "adapters"
+    shutil.copytree(random_adapters / "neutral-concise" / "0.0.1", root / "nc")
+    manifest = json.loads((root / "nc" / "manifest.json").read_text())
+    (root / "nc" / "manifest.json").write_text(json.dumps(manifest | {"base_model": "qwen2.5-7b-instruct"}))
+    proc = cli("stage=eval", *FAST, f"paths.adapters_dir={root}", "adapter=nc", "tracking.enabled=false")
+    assert proc.returncode == 2
+    assert "was trained on base model 'qwen2.5-7b-instruct', but this runtime serves 'tiny-llama'" in proc.stderr
+
+
+def test_run_eval_contract_writes_the_report(tmp_path, random_adapters):
+    out = tmp_path / "r.json"
+    with pytest.raises(ValueError, match="pass persona_yaml"):
+        run_eval(str(random_adapters / "neutral-concise" / "0.0.1"), str(GOLDEN), None, str(out))
+    report = run_eval(
+        str(random_adapters / "neutral-concise" / "0.0.1"),
+        str(GOLDEN),
+        str(PERSONAS / "neutral_concise.yaml"),
+        str(out),
+    )
+    assert json.loads(out.read_text()) == report
+    assert report["base_model"] == "tiny-llama" and report["base"]["persona_id"] == "neutral-concise"
+    (entry,) = report["adapters"]
+    assert entry["base_metrics"] == report["base"]["metrics"]  # same persona: the base is scored once
+    assert set(entry["gates"]) == {"style_delta", "refusal_band", "tox_p95", "passed"}
+
+
+def test_empty_generations_are_scored(compose_cfg):
+    from selfalign.eval.golden import load_golden
+    from selfalign.eval.harness import score_outputs
+    from selfalign.persona.schema import load_persona
+
+    rows = load_golden(GOLDEN)
+    metrics, per_row = score_outputs(rows, [""] * 100, load_persona(PERSONAS / "neutral_concise.yaml")[0])
+    assert metrics["all"]["empty"] == 100 and metrics["refusal"]["rate"] == 0.0
+    assert metrics["style"]["structure"] == 0.0 and 0 <= metrics["style"]["score"] <= 1
+    assert per_row[0]["output"] == "" and per_row[0]["refused"] is False
+
+
+def test_persona_without_style_material_is_one_clear_line(cli, tmp_path):
+    data = yaml.safe_load((PERSONAS / "neutral_concise.yaml").read_text())
+    data["style"]["tone"], data["description"] = "", ""
+    persona = tmp_path / "bare.yaml"
+    persona.write_text(yaml.safe_dump(data))
+    proc = cli("stage=eval", *FAST, f"persona.path={persona}", "tracking.enabled=false")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"error: {persona}: description (line")
+    assert "must not be empty" in proc.stderr and "Traceback" not in proc.stderr

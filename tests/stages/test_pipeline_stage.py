@@ -1,0 +1,149 @@
+"""`stage=pipeline` for both personas through the real CLI on the tiny model, then `stage=demo` and the real
+MLflow UI (`stage=ui`) queried over its REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.servers import free_port, http
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "base_model=tiny_llama",
+    "teacher.model=tiny_llama",
+    "synth.chunk_size=8",
+    "synth.style_tau=-1",
+    "pipeline.synth_n=16",
+    "pipeline.max_epochs=1",
+    "pipeline.eval_max_new_tokens=8",
+    "eval.batch_size=50",
+]
+
+
+def selfalign(root, *args, timeout=900) -> subprocess.CompletedProcess:
+    paths = [f"paths.{d}_dir={root}/{d}" for d in ("data", "adapters", "output", "mlruns", "reports")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "selfalign", *args, *paths],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    proc = selfalign(root, "-m", "stage=pipeline", "persona=neutral_concise,socratic_skeptical", *TINY)
+    return root, proc
+
+
+def runs(root) -> list[dict]:
+    from mlflow import MlflowClient
+
+    found = MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns/mlflow.db").search_runs(["1"])
+    return [{"id": r.info.run_id, "name": r.info.run_name, "status": r.info.status, **r.data.tags} for r in found]
+
+
+def test_both_personas_run_synth_train_eval_under_nested_parents(both):
+    root, proc = both
+    # the tiny random model cannot pass the gates: the sweep ends with exit 1 and the milestone table
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "SelfAlign milestone" in proc.stdout and proc.stdout.count("fail") >= 2
+    for pid in ("neutral-concise", "socratic-skeptical"):
+        assert (root / "adapters" / pid / "0.1.0" / "adapter_model.safetensors").is_file()
+        report = json.loads((root / "reports" / f"{pid}-0_1_0.json").read_text())
+        assert report["adapters"][0]["persona_id"] == pid and report["adapters"][0]["attach_ms"] < 1000
+    assert (root / "data" / "sft" / "neutral_concise.jsonl").is_file()
+    summaries = sorted((root / "output" / "multirun" / "pipeline").glob("*/*/pipeline_summary.json"))
+    rows = [json.loads(p.read_text())["milestone"] for p in summaries]
+    assert [r["persona_id"] for r in rows] == ["neutral-concise", "socratic-skeptical"]
+    assert all(len(r["dataset_sha256"]) == 64 and len(r["adapter_sha256"]) == 64 for r in rows)
+    assert all(set(r["gates"]) == {"style_delta", "refusal_band", "tox_p95", "attach"} for r in rows)
+
+    found = runs(root)
+    by_id = {r["id"]: r for r in found}
+    (sweep,) = [r for r in found if r.get("kind") == "sweep"]
+    pipelines = [r for r in found if r.get("kind") == "pipeline"]
+    assert sorted(r["persona_id"] for r in pipelines) == ["neutral-concise", "socratic-skeptical"]
+    assert all(r["mlflow.parentRunId"] == sweep["id"] for r in pipelines)
+    steps = [r for r in found if r.get("stage") in ("synth", "train", "eval")]
+    assert len(steps) == 6
+    assert all(by_id[r["mlflow.parentRunId"]]["kind"] == "pipeline" for r in steps)
+    assert all(r["status"] == "FINISHED" for r in found)
+
+
+def test_rerun_skips_every_step_done_for_the_same_config(both):
+    root, _ = both
+    before = len(runs(root))
+    proc = selfalign(root, "stage=pipeline", "persona=neutral_concise", *TINY)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stdout.count("skipped") == 3
+    assert len(runs(root)) == before + 1  # only the new parent run; every step was skipped
+
+
+def test_demo_prints_both_adapters_side_by_side_and_the_milestone(both):
+    root, _ = both
+    proc = selfalign(root, "stage=demo", "base_model=tiny_llama", "demo.max_new_tokens=8")
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    assert "10 demo prompts on tiny-llama" in proc.stdout and "SelfAlign milestone" in proc.stdout
+    demo = json.loads((root / "reports" / "demo.json").read_text())
+    assert set(demo["outputs"]) == {"base", "neutral-concise-0_1_0", "socratic-skeptical-0_1_0"}
+    assert all(len(v) == 10 for v in demo["outputs"].values())
+    milestone = json.loads((root / "reports" / "milestone.json").read_text())
+    assert [a["persona_id"] for a in milestone["adapters"]] == ["neutral-concise", "socratic-skeptical"]
+    assert all(d["attach_ms"] < 1000 for k, d in milestone["demo"].items() if k != "between_adapters")
+
+
+def test_mlflow_ui_serves_the_logged_runs_and_stops_cleanly(both):
+    root, _ = both
+    port = free_port()
+    paths = [f"paths.{d}_dir={root}/{d}" for d in ("output", "mlruns")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "selfalign", "stage=ui", f"ui.port={port}", *paths],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the UI spawns workers: stop the whole group
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        status, body = http("POST", f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": ["1"], "max_results": 100})
+        assert status == 200
+        names = {r["info"]["run_name"] for r in body["runs"]}
+        assert {"pipeline-neutral-concise", "train-socratic-skeptical-0.1.0", "eval-neutral-concise-0_1_0"} <= names
+        status, body = http("GET", f"{url}/api/2.0/mlflow/registered-models/get?name=socratic-skeptical")
+        assert status == 200 and body["registered_model"]["name"] == "socratic-skeptical"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=2)
+
+    def group_alive() -> bool:
+        return subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).returncode == 0
+
+    deadline = time.time() + 60  # the UI's worker processes finish their shutdown after SIGTERM
+    while group_alive() and time.time() < deadline:
+        time.sleep(1)
+    assert not group_alive()  # no stray workers left behind
