@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,8 @@ def fit_adapter(
         enable_checkpointing=False,  # ResumeCheckpoint above is the one checkpointing callback
     )
     last = Path(checkpoint_dir) / LAST_CKPT
+    # The datamodule's state_dict makes mid-epoch resume exact (tested); Lightning only checks the loader.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=False)
