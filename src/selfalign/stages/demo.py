@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 from rich.table import Table
@@ -30,10 +29,19 @@ def word_distance(a: str, b: str) -> float:
     return 1.0 - len(wa & wb) / len(wa | wb) if wa | wb else 0.0
 
 
+def compare(first: list[str], second: list[str]) -> dict:
+    """How many paired answers differ, and their mean word distance."""
+    pairs = list(zip(first, second, strict=True))
+    return {
+        "changed": sum(a != b for a, b in pairs),
+        "mean_word_distance": round(sum(word_distance(a, b) for a, b in pairs) / len(pairs), 3),
+    }
+
+
 def run(cfg: SelfAlignConfig) -> dict:
     from selfalign.runtime.adapters import read_manifest, resolve_adapter_dir
-    from selfalign.runtime.loader import apply_adapter, generate, load_base
-    from selfalign.stages.eval import module_name, personas_by_id
+    from selfalign.runtime.loader import generate, load_base
+    from selfalign.stages.eval import attach_timed, personas_by_id
     from selfalign.stages.pipeline import milestone_row, print_milestone
 
     planned = []
@@ -41,14 +49,8 @@ def run(cfg: SelfAlignConfig) -> dict:
         path = resolve_adapter_dir(given, cfg.paths.adapters_dir)
         planned.append((path, read_manifest(path)))
     handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
-    import peft  # noqa: F401  (imported before timing: attach time excludes the one-off module import)
-
-    models, attach_ms = ["base"], {}
-    for path, manifest in planned:
-        start = time.perf_counter()
-        name = apply_adapter(handle, path, root=cfg.paths.adapters_dir, name=module_name(manifest), activate=False)
-        attach_ms[name] = round((time.perf_counter() - start) * 1000, 1)
-        models.append(name)
+    attach_ms = dict(attach_timed(handle, planned, cfg.paths.adapters_dir))
+    models = ["base", *attach_ms]
     prompts = list(cfg.demo.prompts)
     outputs = {
         m: generate(handle, prompts, max_new_tokens=cfg.demo.max_new_tokens, seed=cfg.seed, adapter=m).texts
@@ -63,20 +65,9 @@ def run(cfg: SelfAlignConfig) -> dict:
         table.add_row(prompt, *(outputs[m][i] for m in models))
     console.print(table)
 
-    differ = {}
-    for m in models[1:]:
-        pairs = list(zip(outputs["base"], outputs[m], strict=True))
-        differ[m] = {
-            "changed": sum(a != b for a, b in pairs),
-            "mean_word_distance": round(sum(word_distance(a, b) for a, b in pairs) / len(pairs), 3),
-            "attach_ms": attach_ms[m],
-        }
+    differ = {m: compare(outputs["base"], outputs[m]) | {"attach_ms": attach_ms[m]} for m in models[1:]}
     if len(models) == 3:
-        pairs = list(zip(outputs[models[1]], outputs[models[2]], strict=True))
-        differ["between_adapters"] = {
-            "changed": sum(a != b for a, b in pairs),
-            "mean_word_distance": round(sum(word_distance(a, b) for a, b in pairs) / len(pairs), 3),
-        }
+        differ["between_adapters"] = compare(outputs[models[1]], outputs[models[2]])
     for m, d in differ.items():
         attach = f", attached in {d['attach_ms']:.0f} ms" if "attach_ms" in d else ""
         changed = f"{d['changed']}/{len(prompts)} answers differ"

@@ -53,9 +53,23 @@ def module_name(manifest: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{manifest['adapter_id']}-{manifest['version']}")
 
 
+def attach_timed(handle, planned: list, root: str) -> list[tuple[str, float]]:
+    """Attach each (path, manifest, ...) to the loaded base; its PEFT name and attach time in ms."""
+    import peft  # noqa: F401  (imported before timing: attach time excludes the one-off module import)
+
+    from selfalign.runtime.loader import apply_adapter
+
+    attached = []
+    for path, manifest, *_ in planned:
+        start = time.perf_counter()
+        name = apply_adapter(handle, path, root=root, name=module_name(manifest), activate=False)
+        attached.append((name, round((time.perf_counter() - start) * 1000, 1)))
+    return attached
+
+
 def run(cfg: SelfAlignConfig) -> dict:
     from selfalign.runtime.adapters import read_manifest, resolve_adapter_dir
-    from selfalign.runtime.loader import apply_adapter, load_base
+    from selfalign.runtime.loader import load_base
 
     golden_path = Path(cfg.eval.golden)
     golden_sha = verify_lock(golden_path)
@@ -91,14 +105,11 @@ def run(cfg: SelfAlignConfig) -> dict:
             return {"passed": previous["passed"], "skipped": True, "report": str(report_path), "eval": previous}
 
     handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
-    import peft  # noqa: F401  (imported before timing: attach time excludes the one-off module import)
-
-    targets = []
-    for path, manifest, persona in planned:
-        start = time.perf_counter()
-        module = apply_adapter(handle, path, root=cfg.paths.adapters_dir, name=module_name(manifest), activate=False)
-        attach_ms = round((time.perf_counter() - start) * 1000, 1)
-        targets.append(Target(module, persona, manifest, str(path), attach_ms))
+    attached = attach_timed(handle, planned, cfg.paths.adapters_dir)
+    targets = [
+        Target(name, persona, manifest, str(path), ms)
+        for (path, manifest, persona), (name, ms) in zip(planned, attached, strict=True)
+    ]
 
     settings = EvalSettings(
         max_new_tokens=cfg.eval.max_new_tokens,

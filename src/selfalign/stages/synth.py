@@ -56,7 +56,7 @@ def run(cfg: SelfAlignConfig) -> dict:
     persona, persona_hash = load_persona(cfg.persona.path)
     s = cfg.synth
     out = Path(s.out).resolve()
-    golden_path = Path(cfg.paths.golden_dir) / "golden_v0.jsonl"
+    golden_path = Path(cfg.eval.golden)  # the frozen set the eval scores on: kept out of the training data
     golden = [r["prompt"] for r in load_golden(golden_path)]
     settings = SynthSettings(
         n=s.n,
