@@ -6,6 +6,7 @@ apply here too. `make mlflow-ui` runs this.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,16 @@ def run(cfg: SelfAlignConfig) -> dict:
         f"[bold green]MLflow UI[/] at http://{cfg.ui.host}:{cfg.ui.port} over {cfg.tracking.tracking_uri} "
         "(Ctrl-C stops it)"
     )
+    proc = subprocess.Popen(command)
+
+    def forward(signum, _frame):  # MLflow forwards it to uvicorn, which stops its workers
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = subprocess.run(command, check=False).returncode
-    except KeyboardInterrupt:
-        code = 0
+        code = proc.wait()  # returns once the server and its workers have shut down
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return {"passed": code in (0, -2, 130), "returncode": code}
