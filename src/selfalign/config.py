@@ -156,7 +156,14 @@ class LoraConfig:
 
 
 # Fields of TrainerConfig that are SelfAlign's callbacks, not `lightning.pytorch.Trainer` arguments.
-TRAINER_CALLBACK_FIELDS = ("early_stop_patience", "early_stop_min_delta", "checkpoint_every_n_steps", "extra")
+# TrainerConfig fields that SelfAlign acts on itself; every other field is a `lightning.pytorch.Trainer` argument.
+TRAINER_OWN_FIELDS = (
+    "early_stop_patience",
+    "early_stop_min_delta",
+    "checkpoint_every_n_steps",
+    "reuse_host_memory",
+    "extra",
+)
 
 
 @dataclass
@@ -182,6 +189,9 @@ class TrainerConfig:
     early_stop_patience: int = 3  # validation checks without a val_loss improvement before stopping
     early_stop_min_delta: float = 0.0
     checkpoint_every_n_steps: int = 50  # optimizer steps between resumable checkpoints
+    # glibc: keep freed host memory in the process for the next step instead of mapping fresh pages
+    # (-16% CPU step time on SmolLM2; the heap stays at its peak size until the process exits).
+    reuse_host_memory: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -191,7 +201,7 @@ class TrainerConfig:
             raise ValueError(f"trainer.accumulate_grad_batches must be positive (got {self.accumulate_grad_batches})")
 
     def lightning_kwargs(self) -> dict[str, Any]:
-        kwargs = {k: v for k, v in vars(self).items() if k not in TRAINER_CALLBACK_FIELDS}
+        kwargs = {k: v for k, v in vars(self).items() if k not in TRAINER_OWN_FIELDS}
         return kwargs | dict(self.extra)
 
 

@@ -182,8 +182,9 @@ def test_trainer_presets_compose_into_lightning_arguments(compose_cfg, preset, s
     cfg = to_typed(compose_cfg(["stage=train", f"trainer={preset}", "trainer.num_nodes=2"]))
     kwargs = cfg.trainer.lightning_kwargs()
     assert kwargs["strategy"] == strategy and kwargs["num_nodes"] == 2
-    assert "early_stop_patience" not in kwargs and "checkpoint_every_n_steps" not in kwargs
+    assert not {"early_stop_patience", "checkpoint_every_n_steps", "reuse_host_memory"} & set(kwargs)
     assert kwargs["gradient_clip_val"] == 1.0
+    assert cfg.trainer.reuse_host_memory is (preset == "cpu")  # the heap-reuse tuning is a CPU-training choice
 
 
 def test_ddp_preset_builds_lightnings_ddp_strategy(compose_cfg):

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.chat import render_example
+from selfalign.utils.hashing import sha256_json
 from selfalign.utils.io import iter_jsonl
 
 IGNORE = -100
@@ -82,6 +83,10 @@ def tokenize_row(tokenizer, row: dict, max_len: int) -> dict:
         "labels": labels[:max_len],
         "truncated": len(ids) > max_len,
     }
+
+
+def _has_labels(row: dict) -> bool:
+    return any(x != IGNORE for x in row["labels"])
 
 
 def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -158,9 +163,16 @@ class SFTDataModule(pl.LightningDataModule):
             )
 
     def _tokenize(self, ds):
-        out = ds.map(lambda r: tokenize_row(self.tokenizer, r, self.max_seq_len), remove_columns=ds.column_names)
+        # An explicit fingerprint: left to itself, `datasets` hashes the function by pickling everything it
+        # reaches (the tokenizer, and through `self` the trainer and the model): ~9 s per run on SmolLM2.
+        key = sha256_json([list(ds["id"]), self.max_seq_len, self.tokenizer.name_or_path, len(self.tokenizer)])[:16]
+        out = ds.map(
+            lambda r: tokenize_row(self.tokenizer, r, self.max_seq_len),
+            remove_columns=ds.column_names,
+            new_fingerprint=f"sft-tokens-{key}",
+        )
         before = len(out)
-        out = out.filter(lambda r: any(x != IGNORE for x in r["labels"]))
+        out = out.filter(_has_labels, new_fingerprint=f"sft-labelled-{key}")
         self.stats.rows += before
         self.stats.dropped += before - len(out)
         self.stats.truncated += sum(out["truncated"])

