@@ -155,7 +155,6 @@ class LoraConfig:
             raise ValueError(f"lora.val_fraction must be in (0, 1) (got {self.val_fraction})")
 
 
-# Fields of TrainerConfig that are SelfAlign's callbacks, not `lightning.pytorch.Trainer` arguments.
 # TrainerConfig fields that SelfAlign acts on itself; every other field is a `lightning.pytorch.Trainer` argument.
 TRAINER_OWN_FIELDS = (
     "early_stop_patience",

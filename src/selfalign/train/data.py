@@ -164,7 +164,7 @@ class SFTDataModule(pl.LightningDataModule):
 
     def _tokenize(self, ds):
         # An explicit fingerprint: left to itself, `datasets` hashes the function by pickling everything it
-        # reaches (the tokenizer, and through `self` the trainer and the model): ~9 s per run on SmolLM2.
+        # reaches (the tokenizer, and through `self` the trainer and the model): 5.8 s vs 0.34 s setup on SmolLM2.
         key = sha256_json([list(ds["id"]), self.max_seq_len, self.tokenizer.name_or_path, len(self.tokenizer)])[:16]
         out = ds.map(
             lambda r: tokenize_row(self.tokenizer, r, self.max_seq_len),
