@@ -117,7 +117,6 @@ def ours(args, data: list[dict]) -> dict:
             run_dir=work,
             checkpoint_dir=Path(work) / "ckpt",
             tracker=Tracker(None),
-            cache_dir=os.environ.get("SELFALIGN_CACHE") or str(Path.home() / ".cache" / "selfalign"),
             callbacks=(timer,),
         )
     return steady(timer.marks, args.warmup)
@@ -172,12 +171,7 @@ def baseline(args, data: list[dict]) -> dict:
     if args.same_malloc:
         reuse_host_memory()
     lora = bench_lora(args)
-    model, handle = build_peft_model(
-        resolve_base_model(args.model),
-        lora,
-        TrainerConfig(accelerator="cpu"),
-        os.environ.get("SELFALIGN_CACHE") or str(Path.home() / ".cache" / "selfalign"),
-    )
+    model, handle = build_peft_model(resolve_base_model(args.model), lora, TrainerConfig(accelerator="cpu"))
     tok = handle.tokenizer
     tok.padding_side = "right"
     ours_data = SFTDataModule(

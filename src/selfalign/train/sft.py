@@ -139,7 +139,9 @@ def _training_device(lora: LoraConfig, trainer_cfg: TrainerConfig) -> str:
     return "cpu"
 
 
-def build_peft_model(base_cfg: BaseModelConfig, lora: LoraConfig, trainer_cfg: TrainerConfig, cache_dir: str):
+def build_peft_model(
+    base_cfg: BaseModelConfig, lora: LoraConfig, trainer_cfg: TrainerConfig, cache_dir: str | None = None
+):
     """The base (4-bit NF4 when `lora.qlora`) with a fresh LoRA adapter named `default`; and its handle."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -193,7 +195,7 @@ def fit_adapter(
     run_dir: str | Path,
     checkpoint_dir: str | Path,
     tracker,
-    cache_dir: str,
+    cache_dir: str | None = None,  # None: the runtime's default model cache
     resume: bool = False,
     callbacks: tuple[Callback, ...] = (),
 ) -> FitResult:
@@ -365,7 +367,6 @@ def train_sft(
         reuse_host_memory=not gpu,
     )
     rows = load_sft_rows(data_path, persona["id"])
-    cache_dir = os.environ.get("SELFALIGN_CACHE") or str(Path.home() / ".cache" / "selfalign")
     with tempfile.TemporaryDirectory(prefix="selfalign-train-") as work:
         result = fit_adapter(
             rows,
@@ -376,7 +377,6 @@ def train_sft(
             run_dir=work,
             checkpoint_dir=Path(work) / "checkpoints",
             tracker=Tracker(None),
-            cache_dir=cache_dir,
         )
     manifest = adapter_manifest(
         result,
