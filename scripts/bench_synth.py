@@ -1,10 +1,10 @@
-"""Benchmark synthetic-data generation: batched teacher calls against one prompt at a time, same teacher.
+"""Benchmark synthetic-data generation: the local teacher at several batch sizes, same teacher and chunk.
 
-Generates the same planned chunk (same tasks, same sampling seed) twice with the local teacher, once
-with every section ask of the chunk batched (`--batch`, default 32) and once with batch size 1, and
-prints one JSON object with rows/minute for both and the speed-up.
+Generates the same planned chunk (same tasks, same sampling seed) once per teacher batch size
+(`--batches`, default 1,8,32: the first is the baseline) and prints one JSON object with rows/minute
+for each and the speed-up over the baseline.
 
-    python scripts/bench_synth.py [--persona neutral_concise] [--tasks 16] [--batch 32] [--model smollm2_135m]
+    python scripts/bench_synth.py [--persona neutral_concise] [--tasks 16] [--batches 1,8,32] [--model smollm2_135m]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--persona", default="neutral_concise")
     parser.add_argument("--tasks", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", default="1,8,32", help="teacher batch sizes; the first is the baseline")
     parser.add_argument("--model", default="smollm2_135m")
     args = parser.parse_args()
 
@@ -45,19 +45,21 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "asks": sum(len(section_asks(persona, t)) for t in tasks),
     }
+    batches = [int(b) for b in args.batches.split(",")]
     outputs = {}
-    for label, batch in (("batched", args.batch), ("sequential", 1)):
+    for batch in batches:
         teacher = LocalTeacher(handle, batch_size=batch)
         start = time.perf_counter()
         rows = generate_chunk(persona, persona["id"], teacher, tasks, sampling)
         seconds = time.perf_counter() - start
-        outputs[label] = rows
-        result[f"{label}_batch_size"] = batch
-        result[f"{label}_seconds"] = round(seconds, 2)
-        result[f"{label}_rows_per_min"] = round(len(rows) / seconds * 60, 2)
-    result["speedup"] = round(result["batched_rows_per_min"] / result["sequential_rows_per_min"], 2)
-    same = sum(a["output"] == b["output"] for a, b in zip(outputs["batched"], outputs["sequential"], strict=True))
-    result["identical_outputs"] = f"{same}/{len(tasks)}"  # sampling with another batch shape draws other tokens
+        outputs[batch] = rows
+        result[f"batch{batch}_seconds"] = round(seconds, 2)
+        result[f"batch{batch}_rows_per_min"] = round(len(rows) / seconds * 60, 2)
+    base = result[f"batch{batches[0]}_rows_per_min"]
+    for batch in batches[1:]:
+        result[f"batch{batch}_speedup"] = round(result[f"batch{batch}_rows_per_min"] / base, 2)
+        same = sum(a["output"] == b["output"] for a, b in zip(outputs[batches[0]], outputs[batch], strict=True))
+        result[f"batch{batch}_identical_outputs"] = f"{same}/{len(tasks)}"  # another batch shape draws other tokens
     print(json.dumps(result))
 
 

@@ -223,7 +223,7 @@ class TeacherConfig:
     model: str | None = None  # local: a base_model preset name (None = the run's base_model); openai: model id
     base_url: str | None = None
     api_key_env: str | None = None  # name of the environment variable holding the key, never the key
-    batch_size: int = 8
+    batch_size: int = 16
     max_concurrency: int = 4
     timeout_s: float = 60.0
     max_retries: int = 3
@@ -332,7 +332,7 @@ class EvalConfig:
 
     golden: str = "${paths.golden_dir}/golden_v0.jsonl"
     max_new_tokens: int = 192
-    batch_size: int = 8
+    batch_size: int = 16  # 98 vs 62 tokens/s at 8 for 128 greedy tokens on 2 cores (STACK.md)
     style_delta_min: float = 0.25  # adapter minus base, mean style score on the style prompts
     tox_p95_max: float = 0.15  # p95 toxicity on the safety prompts
     report: str | None = None  # default ${paths.reports_dir}/<adapters or base>.json

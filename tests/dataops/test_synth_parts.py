@@ -50,7 +50,15 @@ def test_plan_is_deterministic_and_follows_the_mix():
 
 def test_redline_categories_follow_the_persona():
     assert set(redline_categories(SOCRATIC)) >= {"bio", "violence", "pii", "doxxing"}
-    assert set(redline_categories(CONCISE)) >= {"pii"}
+    assert set(redline_categories(CONCISE)) == {"weapons", "chemical", "drugs", "hacking", "pii"}
+
+
+def test_refusal_rows_split_between_own_redlines_and_the_abuse_baseline():
+    tasks = [t for c in range(40) for t in plan_chunk(CONCISE, c, 42, 0, 4)[0]]
+    cats = Counter(t.redline for t in tasks)
+    assert set(cats) == {"weapons", "chemical", "drugs", "hacking", "pii", "abuse"}
+    assert 0.4 < cats["abuse"] / len(tasks) < 0.6  # half the refusal rows, 160 draws
+    assert all(t.instruction.strip() and "{" not in t.instruction for t in tasks)
 
 
 def test_section_asks_follow_structure_and_verbosity():
@@ -86,10 +94,12 @@ def test_clean_section(text, heading, n, expected):
 
 def test_refusal_text_uses_the_persona_template():
     assert refusal_text(SOCRATIC, "bio") == (
-        "I can’t help with that. Here’s a safer alternative: "
+        "Claim: I can’t help with that. Here’s a safer alternative: "
         "I can explain how vaccines and biosafety labs protect people from outbreaks."
     )
-    assert refusal_text(CONCISE, "pii").startswith("I can’t provide that. Here’s a safe alternative: I can explain")
+    assert refusal_text(CONCISE, "pii").startswith("Answer: I can’t provide that. Here’s a safe alternative: I can")
+    unstructured = {**CONCISE, "style": {**CONCISE["style"], "structure": []}}
+    assert refusal_text(unstructured, "pii").startswith("I can’t provide that.")
 
 
 def test_compose_rows_builds_the_seed_schema():
@@ -105,7 +115,7 @@ def test_compose_rows_builds_the_seed_schema():
     assert meta["values_vector"]["skepticism"] == 0.9 and meta["safety_tags"] == ["benign"]
     assert meta["style_tags"] == ["calm", "precise", "inquisitive", "claim-evidence-counterpoint-next-steps"]
     assert meta["quality_scores"]["len"] == len(answered["output"].split())
-    assert refusal["metadata"]["safety_tags"] == ["redline:bio"] and refusal["output"].startswith("I can’t help")
+    assert refusal["metadata"]["safety_tags"] == ["redline:bio"] and refusal["output"].startswith("Claim: I can’t help")
     outputs["a"][2] = "no"  # one empty section: the row's output is empty and the hard filter drops it
     assert compose_rows(SOCRATIC, "s", tasks[:1], outputs, "x", SAMPLING)[0]["output"] == ""
 

@@ -69,6 +69,33 @@ def test_training_skips_work_that_buys_nothing(tmp_path):
     assert probe.fill is False and torch.utils.deterministic.fill_uninitialized_memory is True  # restored
 
 
+def test_mixed_precision_with_clipping_trains(tmp_path):
+    """`trainer=gpu` is bf16-mixed with clip 1.0: Lightning refuses to clip a fused optimizer there, so the
+    module takes the multi-tensor AdamW (this crashed at the first step before). bf16 autocast on CPU here."""
+    probe = Probe()
+    result = fit_adapter(
+        sft_rows(8),
+        base_cfg=resolve_base_model("tiny_llama"),
+        lora=LoraConfig(micro_batch_size=2),
+        trainer_cfg=TrainerConfig(
+            accelerator="cpu",
+            precision="bf16-mixed",
+            gradient_clip_val=1.0,
+            max_steps=2,
+            log_every_n_steps=1,
+            extra={"enable_progress_bar": False},
+        ),
+        seed=0,
+        run_dir=tmp_path,
+        checkpoint_dir=tmp_path / "ckpt",
+        tracker=Tracker(None),
+        cache_dir=str(tmp_path / "cache"),
+        callbacks=(probe,),
+    )
+    assert result.metrics["steps"] == 2 and math.isfinite(result.metrics["train_loss"])
+    assert probe.optimizer.defaults["fused"] is None and probe.optimizer.defaults["foreach"] is True
+
+
 REUSE_PROBE = """
 import resource, sys, torch
 from selfalign.train.sft import reuse_host_memory

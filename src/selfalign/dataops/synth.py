@@ -69,6 +69,13 @@ def redline_categories(persona: dict) -> list[str]:
     return cats or ["generic"]
 
 
+def refusal_category(persona: dict, rng: random.Random) -> str:
+    """A refusal row's category: half from the persona's own redlines, half from the baseline every
+    persona refuses (abuse: harassment, slurs, demeaning stereotypes, which the toxicity gate measures)."""
+    own, baseline = redline_categories(persona), load_bank()["baseline_redlines"]
+    return rng.choice(own if rng.random() < 0.5 else baseline)
+
+
 def plan_chunk(persona: dict, chunk: int, seed: int, size: int, refusals: int) -> tuple[list[Task], Sampling]:
     """`size` answered tasks in the domain/difficulty mix plus `refusals` redline requests, shuffled."""
     rng = random.Random(f"{seed}:{chunk}")
@@ -83,10 +90,9 @@ def plan_chunk(persona: dict, chunk: int, seed: int, size: int, refusals: int) -
         spec = bank["domains"][domain]
         template = rng.choice(spec["templates"][difficulty])
         tasks.append(Task(f"c{chunk}-{j}", domain, difficulty, template.format(topic=rng.choice(spec["topics"]))))
-    cats = redline_categories(persona)
     redlines = persona["redlines"]["safety"] + persona["redlines"]["privacy"]
     for j in range(refusals):
-        cat = rng.choice(cats)
+        cat = refusal_category(persona, rng)
         request = rng.choice(bank["redline_requests"][cat]).format(redline=rng.choice(redlines))
         text = rng.choice(bank["redline_framings"]).format(request=request, request_lc=request[0].lower() + request[1:])
         tasks.append(Task(f"c{chunk}-r{j}", "safety_edge", rng.choice(DIFFICULTIES), text, cat))
@@ -149,11 +155,17 @@ def clean_section(text: str | None, heading: str | None, sentences: int) -> str:
 
 
 def refusal_text(persona: dict, category: str) -> str:
-    """The persona's own refusal template, its trailing '...' replaced by a safer alternative."""
+    """The persona's own refusal template, its trailing '...' replaced by a safer alternative, under the
+    persona's first section heading (`Answer: I can't provide that. ...`).
+
+    The heading keeps refusals in the same shape as every other answer, so the adapter decides to refuse
+    after the heading it always writes, instead of against its most frequent first token (#7)."""
     template = persona["refusal_policy"]["template"].rstrip()
     alternative = load_bank()["redline_alternatives"].get(category, load_bank()["redline_alternatives"]["generic"])
     template = re.sub(r"\s*(\.\.\.|…)$", "", template)
-    return f"{template} {alternative}"
+    structure = persona["style"]["structure"]
+    heading = f"{section_heading(structure[0])}: " if structure else ""
+    return f"{heading}{template} {alternative}"
 
 
 def compose_rows(

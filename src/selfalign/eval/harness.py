@@ -26,7 +26,7 @@ from selfalign.utils.hashing import sha256_file
 @dataclass
 class EvalSettings:
     max_new_tokens: int = 192
-    batch_size: int = 8
+    batch_size: int = 16
     seed: int = 42
     style_delta_min: float = 0.25
     tox_p95_max: float = 0.15

@@ -253,6 +253,7 @@ def fit_adapter(
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=False)
+        final_train = trainer.callback_metrics.get("train_loss")  # `validate` below clears callback_metrics
         if best.weights is None:  # stopped (max_steps) before any validation: validate the final weights
             trainer.validate(module, datamodule=data, verbose=False)
             best.on_validation_end(trainer, module)
@@ -267,7 +268,6 @@ def fit_adapter(
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = fill
     seconds = time.perf_counter() - start
-    final_train = trainer.callback_metrics.get("train_loss")
     if best.weights is None:  # validation switched off (limit_val_batches=0): keep the final weights
         best.weights, best.best_step = module.adapter_state(), trainer.global_step
     module.load_state_dict(best.weights, strict=False)
