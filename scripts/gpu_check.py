@@ -17,11 +17,11 @@ Peak GPU memory is read inside each run (`torch.cuda.max_memory_allocated`, from
 
 `GPU_CHECK_DRY=1` rehearses on CPU: no install, models shrunk to 2 layers, `trainer=cpu` with bf16-mixed,
 2 steps, only the `GPU_CHECK_ONLY` runs (comma list; default large_qlora,small_lora,pytest_gpu). Other knobs:
-`GPU_CHECK_STEPS` (20), `GPU_CHECK_BUDGET_S` (call 1: 360, call 2: 240), `GPU_CHECK_GOLDEN` (`small`:
-24 stratified prompts with their own lock file, or `full`), `GPU_CHECK_OVERRIDES` (extra Hydra overrides
-for every training run, space-separated), `GPU_CHECK_TRANSFORMERS` (`auto`: install the carried
-transformers when the machine's safetensors, regex, typer, huggingface-hub and tokenizers satisfy it;
-`skip`; `force`).
+`GPU_CHECK_STEPS` (20), `GPU_CHECK_SEQ` (call 1's lora.max_seq_len, 512), `GPU_CHECK_BUDGET_S` (call 1: 360,
+call 2: 240), `GPU_CHECK_GOLDEN` (`small`: 24 stratified prompts with their own lock file, or `full`),
+`GPU_CHECK_OVERRIDES` (extra Hydra overrides for every training run, space-separated),
+`GPU_CHECK_TRANSFORMERS` (`auto`: install the carried transformers when the machine's safetensors, regex,
+typer, huggingface-hub and tokenizers satisfy it; `skip`; `force`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ OUT = Path(os.environ.get("OUT") or WORK / "out")
 A, B = ROOT / ".gpu" / "a", ROOT / ".gpu" / "b"
 PY = sys.executable
 STEPS = int(os.environ.get("GPU_CHECK_STEPS") or (2 if DRY else 20))
+SEQ = int(os.environ.get("GPU_CHECK_SEQ") or 512)  # lora.max_seq_len of the call-1 training runs
 MODELS = WORK / "models"
 TOK, SFT, SFT_LONG = WORK / "tok", WORK / "sft.jsonl", WORK / "sft_long.jsonl"
 T0 = time.monotonic()
@@ -527,27 +528,6 @@ def train_numbers(run_dir: Path) -> dict:
     return out
 
 
-CLIP_ERROR = "does not allow for gradient clipping"  # Lightning: fused AdamW + *-mixed precision + clipping
-CLIP_WORKAROUND = ["trainer.gradient_clip_val=0"]
-
-
-def with_clip_workaround(run, log: Path, summary: Summary) -> dict:
-    """Run; if it died of Lightning's fused-optimizer clipping refusal, rerun it (and every later run) unclipped.
-
-    So one known bug in the recipe does not cost the memory and speed numbers of every run after it;
-    `GPU_CHECK_NO_WORKAROUND=1` turns this off. The summary's `clip_workaround` says where it was needed.
-    """
-    result = run()
-    if result.get("rc") and CLIP_ERROR in tail(log, 20000) and CLIP_WORKAROUND[0] not in EXTRA_OVERRIDES:
-        if os.environ.get("GPU_CHECK_NO_WORKAROUND") == "1":
-            return result
-        summary.data["clip_workaround"] = {"bug": CLIP_ERROR, "first_hit": log.stem, "applied": CLIP_WORKAROUND}
-        EXTRA_OVERRIDES.extend(CLIP_WORKAROUND)
-        first = {k: result.get(k) for k in ("rc", "wall_s")}
-        result = run() | {"first_attempt": first, "with": CLIP_WORKAROUND}
-    return result
-
-
 def guarded_run(name: str, cmd: list[str], timeout: float, budget: float, log: Path, env: dict) -> dict:
     """A CLI run with GPU memory readings; skipped when the budget cannot hold it."""
     room = left(budget) - 5
@@ -609,7 +589,12 @@ def call1(budget: float) -> None:
         if not (MODELS / model / ".complete").is_file():
             summary.put(name, {"skipped": f"model {model} was not built"})
             continue
-        extra = [f"lora.qlora={str(qlora).lower()}", "lora.micro_batch_size=4", "lora.max_seq_len=512", f"data={data}"]
+        extra = [
+            f"lora.qlora={str(qlora).lower()}",
+            "lora.micro_batch_size=4",
+            f"lora.max_seq_len={SEQ}",
+            f"data={data}",
+        ]
 
         def train_run(name=name, model=model, timeout=timeout, extra=extra) -> dict:
             root = WORK / "runs" / name
@@ -617,7 +602,7 @@ def call1(budget: float) -> None:
             cmd = cli("train", model, root, *trainer_overrides(STEPS), *extra)
             return guarded_run(name, cmd, timeout, budget, OUT / f"{name}.log", env) | train_numbers(root / "run")
 
-        result = with_clip_workaround(train_run, OUT / f"{name}.log", summary)
+        result = train_run()
         summary.put(name, result | {"model": model, "qlora": qlora})
     summary.data["finished"] = True
     summary.save()
@@ -788,7 +773,7 @@ def call2(budget: float) -> None:
             "eval": eval_numbers(root / "run" / "eval" / "eval_report.json"),
         }
 
-    result = with_clip_workaround(pipeline_run, log, summary)
+    result = pipeline_run()
     summary.put("pipeline_small", gate_failure_ok(result, result["eval"]))
 
     # 2) eval of call 1's large QLoRA adapter on the NF4 base

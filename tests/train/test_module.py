@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from selfalign.config import LoraConfig, TrainerConfig
-from selfalign.runtime.loader import resolve_base_model
+from selfalign.runtime.loader import load_base, resolve_base_model
 from selfalign.tracking import Tracker
 from selfalign.train.module import warmup_cosine
 from selfalign.train.sft import fit_adapter
@@ -94,6 +94,34 @@ def test_mixed_precision_with_clipping_trains(tmp_path):
     )
     assert result.metrics["steps"] == 2 and math.isfinite(result.metrics["train_loss"])
     assert probe.optimizer.defaults["fused"] is None and probe.optimizer.defaults["foreach"] is True
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
+    """`lora.gradient_checkpointing=true` recomputes activations (same dropout masks: torch keeps the RNG
+    state), so the adapter matches a run without it; only memory and time change."""
+
+    def train(checkpointing: bool, probe: Probe):
+        return fit_adapter(
+            sft_rows(8),
+            base_cfg=resolve_base_model("tiny_llama"),
+            lora=LoraConfig(micro_batch_size=2, gradient_checkpointing=checkpointing),
+            trainer_cfg=TrainerConfig(accelerator="cpu", max_steps=2, extra={"enable_progress_bar": False}),
+            seed=0,
+            run_dir=tmp_path / str(checkpointing),
+            checkpoint_dir=tmp_path / str(checkpointing) / "ckpt",
+            tracker=Tracker(None),
+            cache_dir=str(tmp_path / "cache"),
+            callbacks=(probe,),
+        )
+
+    load_base("tiny_llama", device="cpu", cache_dir=tmp_path / "cache")  # both runs then load the same cache
+    plain, recomputed = train(False, Probe()), train(True, Probe())
+    assert not plain.peft_model.is_activation_checkpointing and recomputed.peft_model.is_activation_checkpointing
+    a, b = (dict(r.peft_model.named_parameters()) for r in (plain, recomputed))
+    trained = [n for n, p in a.items() if p.requires_grad]
+    assert trained and all(b[n].requires_grad for n in trained)
+    for name in trained:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
 REUSE_PROBE = """

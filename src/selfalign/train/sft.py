@@ -150,8 +150,14 @@ def build_peft_model(
 
     handle = load_base(base_cfg, _training_device(lora, trainer_cfg), cache_dir=cache_dir, qlora=lora.qlora)
     model = handle.model
+    checkpointing = lora.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = lora.qlora and torch.cuda.is_available()
     if lora.qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        # non-reentrant: gradients reach the LoRA weights inside a block whose input needs no grad
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
