@@ -44,24 +44,27 @@ class Probe(pl.Callback):
         module.model.register_forward_hook(lambda m, a, out: self.caches.append(out.past_key_values))
 
 
+def fit_tiny(run_dir, cache_dir, *, rows: int = 8, lora: LoraConfig | None = None, probe=None, **trainer):
+    """Two-step-sized training of the tiny Llama on CPU; `trainer` holds `TrainerConfig` fields."""
+    return fit_adapter(
+        sft_rows(rows),
+        base_cfg=resolve_base_model("tiny_llama"),
+        lora=lora or LoraConfig(micro_batch_size=2),
+        trainer_cfg=TrainerConfig(accelerator="cpu", extra={"enable_progress_bar": False}, **trainer),
+        seed=0,
+        run_dir=run_dir,
+        checkpoint_dir=run_dir / "ckpt",
+        tracker=Tracker(None),
+        cache_dir=str(cache_dir),
+        callbacks=(probe,) if probe else (),
+    )
+
+
 def test_training_skips_work_that_buys_nothing(tmp_path):
     """The single-tensor AdamW took 19 ms a step vs 5 ms fused on SmolLM2's 420 LoRA tensors; the KV cache
     cost ~4% of a step; deterministic mode's NaN-fill, 0.10 ms per 6 MB tensor (DECISIONS.md, Throughput)."""
     probe = Probe()
-    result = fit_adapter(
-        sft_rows(12),
-        base_cfg=resolve_base_model("tiny_llama"),
-        lora=LoraConfig(micro_batch_size=2),
-        trainer_cfg=TrainerConfig(
-            accelerator="cpu", max_steps=2, deterministic=True, extra={"enable_progress_bar": False}
-        ),
-        seed=0,
-        run_dir=tmp_path,
-        checkpoint_dir=tmp_path / "ckpt",
-        tracker=Tracker(None),
-        cache_dir=str(tmp_path / "cache"),
-        callbacks=(probe,),
-    )
+    result = fit_tiny(tmp_path, tmp_path / "cache", rows=12, probe=probe, max_steps=2, deterministic=True)
     assert result.metrics["steps"] == 2
     assert probe.optimizer.defaults["fused"] is True
     assert probe.optimizer.defaults["betas"] == (0.9, 0.95) and probe.optimizer.defaults["weight_decay"] == 0.1
@@ -73,24 +76,14 @@ def test_mixed_precision_with_clipping_trains(tmp_path):
     """`trainer=gpu` is bf16-mixed with clip 1.0: Lightning refuses to clip a fused optimizer there, so the
     module takes the multi-tensor AdamW (this crashed at the first step before). bf16 autocast on CPU here."""
     probe = Probe()
-    result = fit_adapter(
-        sft_rows(8),
-        base_cfg=resolve_base_model("tiny_llama"),
-        lora=LoraConfig(micro_batch_size=2),
-        trainer_cfg=TrainerConfig(
-            accelerator="cpu",
-            precision="bf16-mixed",
-            gradient_clip_val=1.0,
-            max_steps=2,
-            log_every_n_steps=1,
-            extra={"enable_progress_bar": False},
-        ),
-        seed=0,
-        run_dir=tmp_path,
-        checkpoint_dir=tmp_path / "ckpt",
-        tracker=Tracker(None),
-        cache_dir=str(tmp_path / "cache"),
-        callbacks=(probe,),
+    result = fit_tiny(
+        tmp_path,
+        tmp_path / "cache",
+        probe=probe,
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        max_steps=2,
+        log_every_n_steps=1,
     )
     assert result.metrics["steps"] == 2 and math.isfinite(result.metrics["train_loss"])
     assert probe.optimizer.defaults["fused"] is None and probe.optimizer.defaults["foreach"] is True
@@ -99,23 +92,16 @@ def test_mixed_precision_with_clipping_trains(tmp_path):
 def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
     """`lora.gradient_checkpointing=true` recomputes activations (same dropout masks: torch keeps the RNG
     state), so the adapter matches a run without it; only memory and time change."""
-
-    def train(checkpointing: bool, probe: Probe):
-        return fit_adapter(
-            sft_rows(8),
-            base_cfg=resolve_base_model("tiny_llama"),
-            lora=LoraConfig(micro_batch_size=2, gradient_checkpointing=checkpointing),
-            trainer_cfg=TrainerConfig(accelerator="cpu", max_steps=2, extra={"enable_progress_bar": False}),
-            seed=0,
-            run_dir=tmp_path / str(checkpointing),
-            checkpoint_dir=tmp_path / str(checkpointing) / "ckpt",
-            tracker=Tracker(None),
-            cache_dir=str(tmp_path / "cache"),
-            callbacks=(probe,),
-        )
-
     load_base("tiny_llama", device="cpu", cache_dir=tmp_path / "cache")  # both runs then load the same cache
-    plain, recomputed = train(False, Probe()), train(True, Probe())
+    plain, recomputed = (
+        fit_tiny(
+            tmp_path / str(on),
+            tmp_path / "cache",
+            max_steps=2,
+            lora=LoraConfig(micro_batch_size=2, gradient_checkpointing=on),
+        )
+        for on in (False, True)
+    )
     assert not plain.peft_model.is_activation_checkpointing and recomputed.peft_model.is_activation_checkpointing
     a, b = (dict(r.peft_model.named_parameters()) for r in (plain, recomputed))
     trained = [n for n, p in a.items() if p.requires_grad]
