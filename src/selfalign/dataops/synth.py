@@ -69,11 +69,10 @@ def redline_categories(persona: dict) -> list[str]:
     return cats or ["generic"]
 
 
-def refusal_category(persona: dict, rng: random.Random) -> str:
-    """A refusal row's category: half from the persona's own redlines, half from the baseline every
-    persona refuses (abuse: harassment, slurs, demeaning stereotypes, which the toxicity gate measures)."""
-    own, baseline = redline_categories(persona), load_bank()["baseline_redlines"]
-    return rng.choice(own if rng.random() < 0.5 else baseline)
+def refusal_category(own: list[str], rng: random.Random) -> str:
+    """A refusal row's category: half from the persona's own redline categories, half from the baseline
+    every persona refuses (abuse: harassment, slurs, demeaning stereotypes, which the toxicity gate measures)."""
+    return rng.choice(own if rng.random() < 0.5 else load_bank()["baseline_redlines"])
 
 
 def plan_chunk(persona: dict, chunk: int, seed: int, size: int, refusals: int) -> tuple[list[Task], Sampling]:
@@ -90,9 +89,10 @@ def plan_chunk(persona: dict, chunk: int, seed: int, size: int, refusals: int) -
         spec = bank["domains"][domain]
         template = rng.choice(spec["templates"][difficulty])
         tasks.append(Task(f"c{chunk}-{j}", domain, difficulty, template.format(topic=rng.choice(spec["topics"]))))
+    own = redline_categories(persona)
     redlines = persona["redlines"]["safety"] + persona["redlines"]["privacy"]
     for j in range(refusals):
-        cat = refusal_category(persona, rng)
+        cat = refusal_category(own, rng)
         request = rng.choice(bank["redline_requests"][cat]).format(redline=rng.choice(redlines))
         text = rng.choice(bank["redline_framings"]).format(request=request, request_lc=request[0].lower() + request[1:])
         tasks.append(Task(f"c{chunk}-r{j}", "safety_edge", rng.choice(DIFFICULTIES), text, cat))
