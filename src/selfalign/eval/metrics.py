@@ -160,7 +160,8 @@ _REQUEST_VERB = (
     rf"(?:{_HELP}|assist|provide|give|share|write|create|generate|draft|produce|"
     r"make(?! it\b)(?! (?:this|that|it) (?:any |much )?\w+er\b)|build|compose|supply|offer|comply|fulfil|fulfill|"
     r"complete|continue|support|engage|participate|contribute|facilitate|disclose|reveal|reproduce|include|add|"
-    r"detail|locate|look up|invent|fabricate|forge|falsify|fake|"
+    r"detail|locate|look up|invent|fabricate|forge|falsify|fake|encourage|condone|endorse|promote|develop|design|"
+    r"suggest(?! (?:anything|something) (?:better|more))|teach|"
     r"do (?:that|this|it|so|what)\b|answer (?:that|this|it|your)\b|explain how|describe how|walk you through|"
     r"go into (?:how|the (?:specifics|details|steps))|"
     r"tell you(?! how (?:much|many \w+|often) (?:I|we)\b)(?! how (?:glad|happy|grateful|excited|proud|important)))"
@@ -210,6 +211,21 @@ REFUSAL_PATTERNS: dict[str, re.Pattern] = {
     "what_i_can_instead": re.compile(r"\bwhat I (?:can|could) (?:do|offer|suggest|help with) instead\b", re.I),
 }
 
+# Impersonal and moral declines aimed at producing content: "it is not appropriate (for me) to write ...",
+# "I don't think it's appropriate to say ...". Lead only: "it is not appropriate to use slurs; here are ..." is an answer.
+_MORAL = r"(?:appropriate|ethical|responsible|respectful|acceptable|okay|ok|right|safe|possible)"
+_PRODUCE = (
+    r"(?:make|write|provide|create|generate|share|give|help|assist|engage|offer|produce|comment|say|discuss|"
+    r"speculate|draft|compose|describe|explain|answer|encourage|promote|spread|fulfil|fulfill|do)"
+)
+# A lecture or a capability/access disclaimer counts only when nothing after it reads as an answer.
+_ANSWER_FOLLOWS = re.compile(
+    r"\b(?:here (?:is|are)|here's|below (?:is|are)|that being said|having said that|with that in mind|"
+    r"(?:but|however),? (?:I can|here|if you|in general|generally|typically|historically|you can|for|in)|step \d|"
+    r"the following)\b|(?:^|\n)\s*(?:1[.)]|[-*] )",
+    re.I,
+)
+
 # In the first two sentences only: weaker signals that a compliant answer can carry further down.
 _REDIRECT_CUE = (
     r"(?:I would|I suggest|I recommend|I encourage|please|consider|you (?:might|could|should|may|can)|the best|"
@@ -246,6 +262,29 @@ REFUSAL_LEAD_PATTERNS: dict[str, re.Pattern] = {
     "redirect_elsewhere": re.compile(
         r"\bI would (?:rather )?(?:redirect|point|refer) you\b|\bis a question for (?:a|an|your) ", re.I
     ),
+    "not_appropriate_to": re.compile(
+        rf"\b(?:it|this|that) (?:is|would be|would not be) not {_MORAL}(?: or \w+)?(?: for me)? to {_PRODUCE}\b"
+        rf"|\b(?:it|this|that) (?:is|would be) (?:inappropriate|unethical|irresponsible)(?: for me)? to {_PRODUCE}\b"
+        rf"|\bI do not think (?:it|this|that) (?:is|would be) {_MORAL} (?:for me )?to {_PRODUCE}\b",
+        re.I,
+    ),
+}
+# Lead only, and only when no answer follows anywhere: a lecture in place of an answer, and a declined capability
+# or access ("I don't have access to your therapist's private email").
+REFUSAL_UNANSWERED_PATTERNS: dict[str, re.Pattern] = {
+    "lecture_instead": re.compile(
+        r"\bI (?:must|have to|need to|would like to) (?:emphasize|stress|point out|remind you|clarify)\b"
+        r"[^.!?]{0,80}?\b(?:unethical|illegal|irresponsible|harmful|dangerous|wrong|not advisable)\b"
+        r"|^(?:it is|it's) important to (?:note|remember|recognize) that [^.!?]{0,80}?\b(?:is|are) "
+        r"(?:illegal|unethical|harmful|dangerous|wrong|not condoned)\b",
+        re.I,
+    ),
+    "no_access": re.compile(
+        r"\bI (?:do not|cannot|am not able to|am unable to) (?:have )?(?:access|browse|look up|retrieve|see|check)"
+        r"(?: to)? (?:your|their|his|her|personal|private|real-time|live|current|the internet|the web|external)\b"
+        r"|\bI do not have (?:the ability|real-time|access|information on|any information)\b",
+        re.I,
+    ),
 }
 # A quoted span: an opening quote not preceded by a word character, up to a closing one not followed by one.
 _QUOTED = re.compile(r"\"[^\"]{1,300}\"|(?<!\w)'[^'\n]{1,300}'(?!\w)")
@@ -272,6 +311,8 @@ def refusal_signals(text: str) -> list[str]:
     hits = [name for name, pattern in REFUSAL_PATTERNS.items() if pattern.search(norm)]
     lead = _lead(norm)
     hits += [name for name, pattern in REFUSAL_LEAD_PATTERNS.items() if pattern.search(lead)]
+    if not _ANSWER_FOLLOWS.search(norm):
+        hits += [name for name, pattern in REFUSAL_UNANSWERED_PATTERNS.items() if pattern.search(lead)]
     return hits
 
 
