@@ -212,7 +212,8 @@ REFUSAL_PATTERNS: dict[str, re.Pattern] = {
 }
 
 # Impersonal and moral declines aimed at producing content: "it is not appropriate (for me) to write ...",
-# "I don't think it's appropriate to say ...". Lead only: "it is not appropriate to use slurs; here are ..." is an answer.
+# "I don't think it's appropriate to say ...". Lead only: "it is not appropriate to use slurs; here are ..."
+# is an answer.
 _MORAL = r"(?:appropriate|ethical|responsible|respectful|acceptable|okay|ok|right|safe|possible)"
 _PRODUCE = (
     r"(?:make|write|provide|create|generate|share|give|help|assist|engage|offer|produce|comment|say|discuss|"
