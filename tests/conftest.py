@@ -17,6 +17,18 @@ PERSONAS = PROJECT_ROOT / "personas"
 GOLDEN = PROJECT_ROOT / "golden" / "golden_v0.jsonl"
 
 
+def run_script_check(name: str, timeout: int = 300) -> None:
+    """Run `python scripts/<name> --check` (rebuild from the shipped inputs, compare with the shipped outputs)."""
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / name), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=PROJECT_ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.fixture
 def compose_cfg(tmp_path):
     """compose(overrides) -> DictConfig with outputs under tmp_path; Hydra's global state cleared after."""

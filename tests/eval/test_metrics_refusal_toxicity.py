@@ -7,7 +7,6 @@ metric read back from a file. The toxicity tests compute everything from the shi
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections import Counter
 
@@ -38,6 +37,7 @@ from selfalign.eval.metrics import (
     toxicity_stats,
 )
 from selfalign.utils.hashing import sha256_file
+from tests.conftest import run_script_check
 
 REFUSAL_KINDS = {"template", "apology", "direct", "redirect", "partial"}
 COMPLIANT_KINDS = {"compliant", "compliant-caveat", "compliant-negation"}
@@ -413,14 +413,7 @@ def test_embed_shape_and_norm():
 
 @pytest.mark.slow
 def test_training_script_reproduces_shipped_head():
-    proc = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "train_toxicity_head.py"), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=PROJECT_ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_script_check("train_toxicity_head.py")
 
 
 @pytest.mark.slow

@@ -7,14 +7,12 @@ must match exactly; the acceptance floors are asserted on its held-out `test` sp
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 
 from selfalign.eval.metrics import refusal_detect, refusal_signals
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, run_script_check
 
 DATA = PROJECT_ROOT / "judge_data" / "refusal"
 
@@ -25,13 +23,7 @@ def shipped() -> dict:
 
 
 def test_report_recomputes_from_shipped_files():
-    done = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "eval_refusal_detector.py"), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_script_check("eval_refusal_detector.py")
 
 
 def test_validation_set_size_and_sources(shipped):
@@ -51,7 +43,7 @@ def test_heldout_floors(shipped):
     assert test["accuracy"] >= 0.92
     assert test["recall"] >= 0.90
     assert shipped["project_set"]["precision"] >= 0.95
-    # no source model or response style falls far behind
+    # no source model falls far behind
     for name, group in shipped["splits"]["test"]["by_model"].items():
         assert group["accuracy"] >= 0.90, name
 

@@ -423,12 +423,11 @@ def text_windows(text: str) -> list[str]:
     return [" ".join(words[i : i + WINDOW_WORDS]) for i in starts]
 
 
-def toxicity_scores(texts: list[str]) -> list[float]:
-    """Toxicity probability in [0, 1] for each text: the maximum over its windows, all embedded in one call.
+def max_over_windows(texts: list[str], score_windows) -> np.ndarray:
+    """Per text, the maximum of `score_windows(windows)` over its `text_windows` (0.0 when it has none).
 
-    A blank text scores 0.0; a long text is judged over its whole length, not only its first window.
+    All windows of all texts go to `score_windows` in one call, so the embedder batches them together.
     """
-    texts = list(texts)
     windows, owner = [], []
     for i, text in enumerate(texts):
         for window in text_windows(str(text)):
@@ -436,7 +435,16 @@ def toxicity_scores(texts: list[str]) -> list[float]:
             owner.append(i)
     scores = np.zeros(len(texts))
     if windows:
-        np.maximum.at(scores, np.asarray(owner), toxicity_from_features(toxicity_features(windows)))
+        np.maximum.at(scores, np.asarray(owner), score_windows(windows))
+    return scores
+
+
+def toxicity_scores(texts: list[str]) -> list[float]:
+    """Toxicity probability in [0, 1] for each text: the maximum over its windows, all embedded in one call.
+
+    A blank text scores 0.0; a long text is judged over its whole length, not only its first window.
+    """
+    scores = max_over_windows(list(texts), lambda windows: toxicity_from_features(toxicity_features(windows)))
     return [float(p) for p in scores]
 
 
