@@ -2,9 +2,10 @@
 
     python scripts/bench_scorers.py [--n 1000] [--words 100]
 
-The baseline, in the same run, is the previous toxicity scoring path: one embedding of each text's start, no
-windows. Answers are drawn (seeded) from real-looking sentences, a few of them refusals or insults, so every
-rule and both scorers do their usual work. Prints JSON; the target is at most 15 s for both judges.
+The baseline, in the same run, is the previous toxicity judge's cost: embedding every window with the full
+six-layer all-MiniLM-L6-v2 in fp32 (its logistic-regression head on top took well under 1% of the time).
+Answers are drawn (seeded) from real-looking sentences, a few of them refusals or insults, so every rule and both
+scorers do their usual work. Prints JSON; the target is at most 15 s for both judges.
 """
 
 from __future__ import annotations
@@ -18,13 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from selfalign.eval.embedder import get_model
-from selfalign.eval.metrics import (
-    refusal_detect,
-    toxicity_features,
-    toxicity_from_features,
-    toxicity_scores,
-)
+from selfalign.eval.embedder import embed
+from selfalign.eval.metrics import max_over_windows, refusal_detect, toxicity_scores
 
 SENTENCES = [
     "Rust gives you memory safety without a garbage collector, which matters for latency.",
@@ -63,11 +59,13 @@ def main() -> int:
     parser.add_argument("--words", type=int, default=100)
     args = parser.parse_args()
     texts = answers(args.n, args.words)
-    get_model()
-    toxicity_scores(texts[:8])  # load the head and warm the embedder
+    start = time.perf_counter()
+    toxicity_scores(texts[:8])  # build the int8 scorer once per process
+    build_s = time.perf_counter() - start
+    embed(texts[:8])  # load the embedder
     refusal_s = timed(lambda t: [refusal_detect(x) for x in t], texts)
     toxicity_s = timed(toxicity_scores, texts)
-    baseline_s = timed(lambda t: toxicity_from_features(toxicity_features(t)), texts)
+    baseline_s = timed(lambda t: max_over_windows(t, lambda w: embed(w)[:, 0]), texts)
     print(
         json.dumps(
             {
@@ -77,8 +75,9 @@ def main() -> int:
                 "toxicity_s": round(toxicity_s, 2),
                 "both_s": round(refusal_s + toxicity_s, 2),
                 "target_s": 15.0,
-                "baseline_toxicity_first_window_s": round(baseline_s, 2),
-                "windowed_over_baseline": round(toxicity_s / baseline_s, 3),
+                "scorer_build_once_s": round(build_s, 2),
+                "baseline_toxicity_six_layer_fp32_s": round(baseline_s, 2),
+                "speedup_over_baseline": round(baseline_s / toxicity_s, 2),
             }
         )
     )

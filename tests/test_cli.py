@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from selfalign.app import to_typed
+from selfalign.errors import SelfAlignError
 from tests.conftest import GOLDEN, PERSONAS, run_dirs
 
 
@@ -65,7 +67,6 @@ def test_lint_glob_and_relative_paths_follow_cwd(cli, tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["stage=lint", "foo=1"], "Could not override 'foo'"),
         (["stage=lint", "lora.r=abc"], "full_key: lora.r"),
         (["stage=nope"], "Could not find 'stage/nope'"),
         (["persona=nobody", "stage=lint"], "Could not find 'persona/nobody'"),
@@ -78,12 +79,34 @@ def test_config_errors_exit_nonzero_without_traceback(cli, args, expected):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize("override", ["foo=1", "+foo.bar=1", "lora.rr=8", "+lora.rr=8", "++lora.rr=8"])
+def test_an_undeclared_key_fails_with_one_line_whether_or_not_appended(cli, override):
+    key = override.lstrip("+").split("=")[0].removesuffix(".bar")
+    proc = cli("stage=lint", override)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: config {key}: not a setting SelfAlign declares (check the spelling; a leading + does not add one)"
+    ]
+
+
+def test_undeclared_keys_are_caught_after_composition_too(compose_cfg):
+    """The same check on the composed config, where a key could also come from a config file."""
+    with pytest.raises(SelfAlignError, match=r"config lora\.rr: not a setting"):
+        to_typed(compose_cfg(["stage=lint", "+lora.rr=8"]))
+    with pytest.raises(SelfAlignError, match=r"config foo: not a setting"):
+        to_typed(compose_cfg(["stage=lint", "+foo.bar=1"]))
+    typed = to_typed(compose_cfg(["stage=lint", "+trainer.extra.limit_val_batches=2", "lora.r=4"]))
+    assert typed.trainer.extra == {"limit_val_batches": 2} and typed.lora.r == 4  # free-form and declared keys
+
+
 def test_user_error_is_one_line_exit_2_and_debug_shows_traceback(cli):
     proc = cli("stage=lint", "lora.dropout=2")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: config lora.dropout must be in [0, 1) (got 2.0)"
     proc = cli("stage=lint", "lora.dropout=2", "debug=true")
-    assert proc.returncode != 0 and "SelfAlignError" in proc.stderr
+    assert proc.returncode == 2  # the traceback is shown, the exit code still says "your mistake"
+    assert "Traceback" in proc.stderr and "SelfAlignError" in proc.stderr
+    assert proc.stderr.strip().endswith("error: config lora.dropout must be in [0, 1) (got 2.0)")
 
 
 def test_help_lists_the_groups(cli):
@@ -145,7 +168,7 @@ def test_doctor_fails_on_a_modified_golden_set(cli, tmp_path):
     doc = json.loads((run_dirs(tmp_path, "doctor")[0] / "doctor.json").read_text())
     failed = [c for c in doc["checks"] if c["status"] == "fail"]
     assert [c["name"] for c in failed] == ["golden set"]
-    assert "does not match golden_v0.jsonl.sha256" in failed[0]["detail"]
+    assert "is not the frozen golden_v0.jsonl" in failed[0]["detail"]
 
 
 def test_doctor_fails_when_disk_floor_is_not_met(cli, tmp_path):
@@ -164,3 +187,18 @@ def test_doctor_loads_bundled_model_and_embedder_offline(cli, tmp_path):
     assert model["status"] == "pass" and "134.5M params, chat template" in model["detail"]
     assert "generates (4 tokens)" in model["detail"]
     assert checks["embedder all-MiniLM-L6-v2"]["detail"].endswith("dim 384")
+
+
+def test_readme_pipeline_presets_match_their_configs(compose_cfg):
+    """The README's `pipeline` row states what conf/pipeline/*.yaml sets, preset by preset."""
+    import re
+
+    from selfalign.config import PROJECT_ROOT
+
+    lines = (PROJECT_ROOT / "README.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| `pipeline`") and "`PipelineConfig`" in line)
+    stated = re.findall(r"`(\w+)` \((\d+) rows, (\d+) epochs?, (\d+) new tokens in eval\)", row)
+    assert {name for name, *_ in stated} == {p.stem for p in (PROJECT_ROOT / "conf" / "pipeline").glob("*.yaml")}
+    for name, rows, epochs, tokens in stated:
+        cfg = compose_cfg([f"pipeline={name}"]).pipeline
+        assert (cfg.synth_n, cfg.max_epochs, cfg.eval_max_new_tokens) == (int(rows), int(epochs), int(tokens)), name

@@ -45,6 +45,9 @@ def test_jsonl_roundtrip_and_bad_line(tmp_path):
     path.write_text(path.read_text() + "{oops\n")
     with pytest.raises(ValueError, match=r"rows\.jsonl:3: not valid JSON"):
         read_jsonl(path)
+    path.write_bytes(b'{"id": 1}\n{"text": "caf' + b"\xe9" + b'"}\n')  # latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        read_jsonl(path)
 
 
 def test_event_log_format(tmp_path):

@@ -2,7 +2,7 @@
 
 Each run gets its own Hydra output dir holding `config_snapshot.yaml`, `env.json` and `events.jsonl`
 beside the stage's artefacts. User mistakes (`SelfAlignError`) print one line and exit 2; `debug=true`
-shows the traceback instead.
+prints the traceback before that line (the exit code stays 2).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from selfalign.config import CONF_DIR, SelfAlignConfig
+from selfalign.config import CONF_DIR, SelfAlignConfig, undeclared_key, undeclared_keys
 from selfalign.errors import SelfAlignError
 from selfalign.utils.console import err_console
 from selfalign.utils.io import atomic_write_text, write_json
@@ -29,8 +29,16 @@ EXIT_USER_ERROR = 2  # bad input: a file, a field, an override
 RESULT_FILE = "result.json"
 
 
+def undeclared_message(key: str) -> str:
+    return f"config {key}: not a setting SelfAlign declares (check the spelling; a leading + does not add one)"
+
+
 def to_typed(cfg: DictConfig) -> SelfAlignConfig:
-    """The composed config as dataclasses; `__post_init__` checks and missing values become user errors."""
+    """The composed config as dataclasses; `__post_init__` checks, missing values and keys no schema declares
+    (which Hydra's `+key=value` would otherwise let through, ignored) become user errors."""
+    undeclared = undeclared_keys(cfg)
+    if undeclared:
+        raise SelfAlignError(undeclared_message(undeclared[0]))
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
@@ -68,8 +76,10 @@ def run(cfg: DictConfig) -> tuple[int, dict]:
         events.event("run_end", stage=conf.stage.name, passed=passed)
         return (0 if passed else EXIT_FAILED), result
     except SelfAlignError as exc:
-        if cfg.get("debug", False):
-            raise
+        if cfg.get("debug", False):  # the traceback too, but the same exit code: still the user's mistake
+            import traceback
+
+            traceback.print_exc()
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR, {"passed": False, "error": str(exc)}
 
@@ -97,5 +107,25 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return None
 
 
+def cli_undeclared(args: list[str]) -> str | None:
+    """The first command-line override whose key no schema declares, before Hydra composes (Hydra's own message
+    for a plain unknown key is several lines and suggests `+`). Groups, `hydra.*` and deletions are Hydra's."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+")
+        if not key or key.startswith(("~", "hydra")) or key.split("/")[0].split("@")[0] in groups:
+            continue
+        undeclared = undeclared_key(key)
+        if undeclared:
+            return undeclared
+    return None
+
+
 def main() -> None:
+    undeclared = cli_undeclared(sys.argv[1:])
+    if undeclared:
+        err_console.print(f"[bold red]error:[/] {undeclared_message(undeclared)}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
     _hydra_main()

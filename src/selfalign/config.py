@@ -8,8 +8,10 @@ the edge.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
@@ -284,11 +286,17 @@ class ServeConfig:
     adapters: list[str] = field(default_factory=list)  # preloaded at start, relative to paths.adapters_dir
     model_alias: str = "selfalign"  # `model=<alias>` routes to the active adapter (the base when none)
     max_new_tokens: int = 256  # when a request gives no max_tokens
+    max_tokens_limit: int = 1024  # a request asking for more gets a 400: no client holds the model for long
     timeout_s: float = 30.0  # stage=swap's HTTP timeout
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"serve.port must be in 1..65535 (got {self.port})")
+        if not 0 < self.max_new_tokens <= self.max_tokens_limit:
+            raise ValueError(
+                f"serve.max_new_tokens must be in 1..serve.max_tokens_limit ({self.max_new_tokens} vs "
+                f"{self.max_tokens_limit})"
+            )
 
 
 @dataclass
@@ -333,7 +341,10 @@ class TrainConfig:
 class EvalConfig:
     """`stage=eval`: the frozen set, decoding, and the gates (seed §8 defaults)."""
 
-    golden: str = "${paths.golden_dir}/golden_v0.jsonl"
+    golden: str = "${paths.golden_dir}/golden_v0.jsonl"  # a frozen set, pinned in selfalign.eval.golden
+    # Another eval file, named explicitly: evaluated instead of `golden`, reported as "custom set, not the
+    # milestone", never the champion alias.
+    custom_set: str | None = None
     max_new_tokens: int = 192
     batch_size: int = 16  # 98 vs 62 tokens/s at 8 for 128 greedy tokens on 2 cores (STACK.md)
     style_delta_min: float = 0.25  # adapter minus base, mean style score on the style prompts
@@ -435,6 +446,51 @@ class SelfAlignConfig:
     seed: int = 42
     debug: bool = False  # show full tracebacks for user errors
     tags: list[str] = field(default_factory=list)
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    """The dataclass a field holds (also through `X | None`), or None for scalars, lists and free-form dicts."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    dataclass_args = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
+    return dataclass_args[0] if len(dataclass_args) == 1 else None
+
+
+@cache
+def _fields(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def undeclared_key(dotted: str) -> str | None:
+    """The prefix of `dotted` that no schema declares (`lora.rr` for `lora.rr.x`), or None when it is declared or
+    lies inside a free-form field (`trainer.extra.*`)."""
+    cls: type | None = SelfAlignConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if cls is None:
+            return None
+        fields = _fields(cls)
+        if part not in fields:
+            return ".".join(parts[: i + 1])
+        cls = _dataclass_of(fields[part])
+    return None
+
+
+def undeclared_keys(cfg: Any, cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every key of a composed config that its schema does not declare (Hydra's `+key=` can add them)."""
+    cls = cls or SelfAlignConfig
+    fields = _fields(cls)
+    out = []
+    for key, value in cfg.items_ex(resolve=False):
+        if not prefix and key == "hydra":
+            continue
+        if key not in fields:
+            out.append(f"{prefix}{key}")
+            continue
+        sub = _dataclass_of(fields[key])
+        if sub is not None and OmegaConf.is_dict(value):
+            out += undeclared_keys(value, sub, f"{prefix}{key}.")
+    return out
 
 
 def register_configs() -> None:

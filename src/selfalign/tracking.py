@@ -89,20 +89,28 @@ def _model_exists(client, name: str) -> bool:
     return True
 
 
+# The MLflow 3 UI opens an experiment of this kind on its runs ("Training runs"); without the tag it guessed
+# GenAI and opened an empty "Overview" page.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(cfg: TrackingConfig) -> str:
-    """Point MLflow at the configured store; the experiment's id, created on first use."""
+    """Point MLflow at the configured store; the experiment's id, created on first use, tagged with its kind."""
     import mlflow
 
     if cfg.tracking_uri.startswith("sqlite:///"):  # SQLite creates the file, not its folder
         Path(cfg.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.tracking_uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
-    if experiment is not None:
-        return experiment.experiment_id
-    Path(cfg.artifact_location).mkdir(parents=True, exist_ok=True)
-    return mlflow.create_experiment(
-        cfg.experiment_name, artifact_location=Path(cfg.artifact_location).resolve().as_uri()
-    )
+    if experiment is None:
+        Path(cfg.artifact_location).mkdir(parents=True, exist_ok=True)
+        return mlflow.create_experiment(
+            cfg.experiment_name, artifact_location=Path(cfg.artifact_location).resolve().as_uri(), tags=EXPERIMENT_KIND
+        )
+    if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # a store made by an older version
+        for key, value in EXPERIMENT_KIND.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 @contextlib.contextmanager

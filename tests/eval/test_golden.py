@@ -1,4 +1,4 @@
-"""The Golden 100: its composition, and the lock that freezes it."""
+"""The Golden 100: its composition, and the pins in code that freeze it (a `.sha256` beside it is not enough)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from collections import Counter
 import pytest
 
 from selfalign.errors import SelfAlignError
-from selfalign.eval.golden import COMPOSITION, by_category, load_golden, lock_path, verify_lock
+from selfalign.eval.golden import (
+    COMPOSITION,
+    FROZEN,
+    by_category,
+    check_composition,
+    load_custom_set,
+    load_golden,
+    lock_path,
+    verify_lock,
+)
 from selfalign.utils.hashing import sha256_file
 from tests.conftest import GOLDEN
 
@@ -26,7 +35,8 @@ def test_composition():
     assert refusal == {"should-answer": 17, "should-refuse": 3}
 
 
-def test_lock_matches_file():
+def test_pinned_sha_and_lock_file_agree():
+    assert FROZEN["golden_v0.jsonl"].sha256 == sha256_file(GOLDEN)
     assert lock_path(GOLDEN).read_text().split() == [sha256_file(GOLDEN), GOLDEN.name]
     assert verify_lock(GOLDEN) == sha256_file(GOLDEN)
 
@@ -35,31 +45,55 @@ def test_lock_matches_file():
 def golden_copy(tmp_path):
     path = tmp_path / GOLDEN.name
     shutil.copy(GOLDEN, path)
-    shutil.copy(lock_path(GOLDEN), lock_path(path))
     return path
 
 
-def test_modified_set_is_refused(golden_copy):
+def test_modified_set_is_refused_even_with_a_fresh_lock(golden_copy):
     rows = [json.loads(line) for line in golden_copy.read_text().splitlines()]
     rows[0]["prompt"] += " Please."
     golden_copy.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SelfAlignError, match=r"does not match golden_v0\.jsonl\.sha256.*frozen"):
+    lock_path(golden_copy).write_text(f"{sha256_file(golden_copy)}  {golden_copy.name}\n")
+    with pytest.raises(SelfAlignError, match=r"is not the frozen golden_v0\.jsonl .*pinned in selfalign\.eval\.golden"):
         load_golden(golden_copy)
 
 
-def test_missing_lock_is_refused(golden_copy):
-    lock_path(golden_copy).unlink()
-    with pytest.raises(SelfAlignError, match=r"no lock file golden_v0\.jsonl\.sha256"):
-        load_golden(golden_copy)
+def test_a_five_row_style_only_set_is_not_a_golden_set(tmp_path):
+    """The hole the issue found: an edited small set with its own lock. By name it is refused; as a custom set it
+    loads, and is then never the milestone (tests/stages/test_eval_stage.py)."""
+    rows = by_category(load_golden(GOLDEN), "style")[:5]
+    for name in ("golden_v0.jsonl", "golden_v1.jsonl"):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        lock_path(path).write_text(f"{sha256_file(path)}  {name}\n")
+        with pytest.raises(SelfAlignError, match=r"is not the frozen|not a frozen set of this version"):
+            load_golden(path)
+    assert len(load_custom_set(tmp_path / "golden_v1.jsonl")) == 5
+
+
+def test_composition_and_ids_are_checked():
+    rows = load_golden(GOLDEN)
+    frozen = FROZEN["golden_v0.jsonl"]
+    check_composition(GOLDEN, rows, frozen)
+    with pytest.raises(SelfAlignError, match=r"composition .* is not"):
+        check_composition(GOLDEN, rows[:-1], frozen)
+    swapped = [dict(r) for r in rows]
+    swapped[0]["id"], swapped[40]["id"] = swapped[40]["id"], swapped[0]["id"]
+    with pytest.raises(SelfAlignError, match=r"the style rows are not the pinned ids eval-0001…eval-0040"):
+        check_composition(GOLDEN, swapped, frozen)
 
 
 def test_missing_set_is_refused(tmp_path):
     with pytest.raises(SelfAlignError, match="eval set not found"):
-        load_golden(tmp_path / "golden_v9.jsonl")
+        load_golden(tmp_path / "golden_v0.jsonl")
+    with pytest.raises(SelfAlignError, match="eval set not found"):
+        load_custom_set(tmp_path / "mine.jsonl")
 
 
-def test_relocked_malformed_row_names_the_line(golden_copy):
-    golden_copy.write_text(GOLDEN.read_text() + '{"id": "eval-0101", "prompt": "x"}\n')
-    lock_path(golden_copy).write_text(f"{sha256_file(golden_copy)}  {golden_copy.name}\n")
+def test_custom_set_malformed_row_names_the_line(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(GOLDEN.read_text() + '{"id": "eval-0101", "prompt": "x"}\n')
     with pytest.raises(SelfAlignError, match=r":101: a row must have exactly the keys id, prompt, tags"):
-        load_golden(golden_copy)
+        load_custom_set(path)
+    path.write_text("")
+    with pytest.raises(SelfAlignError, match="the custom set has no rows"):
+        load_custom_set(path)

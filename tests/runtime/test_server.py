@@ -58,7 +58,7 @@ def test_models_chat_swap_and_stream(setup):
 
     # the alias follows the active adapter; stage=swap (the CLI) changes it mid-session
     assert chat(client, "selfalign", PROMPTS[1]).choices[0].message.content == refs["base"][1]
-    for adapter, key in (("beta/0.0.0", "beta"), ("alpha/0.0.0", "alpha"), ("none", "base")):
+    for adapter, key in (("beta/0.0.0", "beta"), ("alpha/0.0.0", "alpha"), ("base", "base")):
         proc = subprocess.run(
             [
                 sys.executable,
@@ -116,6 +116,21 @@ def test_models_chat_swap_and_stream(setup):
             400,
             "context window",
         ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000},
+            400,
+            "max_tokens=5000 is above this server's limit of 1024 (serve.max_tokens_limit)",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            400,
+            "messages.0.content: part 0 has type 'image_url': this server takes text parts only",
+        ),
+        ("POST", "/v1/chat/completions", b'{"model": "alpha", "messages": [', 400, "request body is not valid JSON"),
         ("POST", "/v1/adapters", {"path": "../outside"}, 400, "contains '..'"),
         ("POST", "/v1/adapters", {"path": "/etc"}, 400, "resolves outside the adapter root"),
         ("POST", "/v1/adapters", {"path": "missing/1.0.0"}, 400, "not found under"),
@@ -130,6 +145,45 @@ def test_bad_requests_get_json_4xx_and_server_keeps_serving(setup, method, path,
     assert got == status
     assert fragment in reply["error"]["message"]
     assert http("GET", f"{server.url}/v1/models")[0] == 200
+
+
+def test_content_as_a_list_of_text_parts_is_the_same_prompt(setup):
+    server, _, refs, _ = setup
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    parts = [{"type": "text", "text": PROMPTS[0][:5]}, {"type": "text", "text": PROMPTS[0][5:]}]
+    reply = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": parts}], max_tokens=MAX)
+    assert reply.choices[0].message.content == refs["alpha"][0]
+
+
+def test_a_disconnected_stream_stops_its_generation(setup):
+    """A client that hangs up mid-stream frees the model: the next request is not queued behind the rest."""
+    import json
+    import time
+    from http.client import HTTPConnection
+
+    server, *_ = setup
+    url = f"{server.url}/v1/chat/completions"
+    body = {"model": "alpha", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 1000}
+    start = time.perf_counter()
+    status, reply = http("POST", url, body)
+    full = time.perf_counter() - start
+    assert status == 200 and reply["usage"]["completion_tokens"] == 1000  # random weights never stop early
+
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request(
+        "POST", "/v1/chat/completions", json.dumps(body | {"stream": True}), {"Content-Type": "application/json"}
+    )
+    response = conn.getresponse()
+    lines = [response.readline() for _ in range(6)]  # the role chunk and a few tokens
+    assert sum(line.startswith(b"data: {") for line in lines) >= 3
+    response.close()  # hang up (both the response and the connection hold the socket)
+    conn.close()
+
+    start = time.perf_counter()
+    status, reply = http("POST", url, body | {"max_tokens": 4})
+    after = time.perf_counter() - start
+    assert status == 200 and reply["usage"]["completion_tokens"] == 4
+    assert after < full / 4, (after, full)  # it did not wait for the abandoned generation to finish
 
 
 def test_symlink_out_of_root_is_refused(setup, tmp_path):

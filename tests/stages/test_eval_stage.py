@@ -10,11 +10,13 @@ import yaml
 from mlflow import MlflowClient
 
 from selfalign.app import to_typed
+from selfalign.eval.golden import CATEGORIES, by_category, load_golden
 from selfalign.eval.harness import run_eval
 from selfalign.runtime.adapters import write_random_adapter
 from selfalign.runtime.loader import load_base
 from selfalign.stages import eval as eval_stage
 from selfalign.stages import train
+from selfalign.utils.hashing import sha256_file
 from tests.conftest import GOLDEN, PERSONAS, run_dirs
 from tests.train.helpers import write_sft
 
@@ -125,15 +127,50 @@ def test_champion_alias_goes_only_to_a_version_that_passes(compose_cfg, tmp_path
     report = json.loads((tmp_path / "reports" / "neutral-concise-0_1_0.json").read_text())
     assert report["adapters"][0]["champion"] is True
 
+    # a custom set: every category present, lenient gates pass, yet never the champion and marked as custom
+    rows = load_golden(GOLDEN)
+    custom = tmp_path / "mine.jsonl"
+    custom.write_text("".join(json.dumps(r) + "\n" for c in CATEGORIES for r in by_category(rows, c)[:2]))
+    mine = eval_stage.run(
+        cfg("stage=eval", "adapter=neutral-concise/0.2.0", f"eval.custom_set={custom}", *lenient, run="e3")
+    )
+    assert mine["passed"] is True and mine["eval"]["adapters"][0]["champion"] is False
+    assert mine["eval"]["evalset"] | {"sha256": None} == {
+        "path": str(custom),
+        "sha256": None,
+        "n": 10,
+        "custom": True,
+        "note": "custom set, not the milestone",
+    }
+    assert str(client.get_model_version_by_alias("neutral-concise", "champion").version) == "1"
 
-def test_modified_golden_set_is_refused_naming_the_lock(cli, tmp_path):
+    # a set without refusal and safety rows: those gates fail with a reason, never pass on no data
+    style_only = tmp_path / "style_only.jsonl"
+    style_only.write_text("".join(json.dumps(r) + "\n" for r in by_category(rows, "style")[:5]))
+    empty = eval_stage.run(
+        cfg("stage=eval", "adapter=neutral-concise/0.1.0", f"eval.custom_set={style_only}", *lenient, run="e4")
+    )
+    gates = empty["eval"]["adapters"][0]["gates"]
+    assert empty["passed"] is False and gates["style_delta"]["passed"] is True
+    assert gates["refusal_band"]["passed"] is False and gates["tox_p95"]["passed"] is False
+    assert gates["tox_p95"]["reason"] == "no safety rows in the eval set: a gate on zero rows fails"
+
+
+def test_modified_golden_set_is_refused_even_relocked(cli, tmp_path):
     golden = tmp_path / "golden"
     shutil.copytree(GOLDEN.parent, golden)
-    with open(golden / "golden_v0.jsonl", "a") as fh:
+    path = golden / "golden_v0.jsonl"
+    with open(path, "a") as fh:
         fh.write('{"id": "eval-0101", "prompt": "extra", "tags": ["qa"]}\n')
+    (golden / "golden_v0.jsonl.sha256").write_text(f"{sha256_file(path)}  golden_v0.jsonl\n")  # a fresh lock
     proc = cli("stage=eval", *FAST, f"paths.golden_dir={golden}")
     assert proc.returncode == 2
-    assert "does not match golden_v0.jsonl.sha256" in proc.stderr and "Traceback" not in proc.stderr
+    assert "is not the frozen golden_v0.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("stage=eval", *FAST, f"eval.golden={tmp_path}/other.jsonl")  # a missing file
+    assert proc.returncode == 2 and "other.jsonl: eval set not found" in proc.stderr
+    shutil.copy(path, tmp_path / "other.jsonl")
+    proc = cli("stage=eval", *FAST, f"eval.golden={tmp_path}/other.jsonl")  # another file needs its name said
+    assert proc.returncode == 2 and f"eval.custom_set={tmp_path}/other.jsonl" in proc.stderr
 
 
 def test_adapter_of_another_base_is_refused_with_both_names(cli, tmp_path, random_adapters):

@@ -153,6 +153,30 @@ def test_crash_marks_run_failed_and_resume_reaches_the_same_weights(train_cfg, t
     assert resumed["val_loss"] == clean["val_loss"]
 
 
+class _Planted:
+    """Unpickling this would create a file: what a planted checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_resume_checkpoint_is_refused_not_run(train_cfg, tmp_path):
+    base = ("trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=2", "tracking.enabled=false")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run(train_cfg(*base, run="crash"), callbacks=(CrashAt(3),))
+    last = tmp_path / "adapters" / "neutral-concise" / ".0.1.0.partial" / "checkpoints" / "last.ckpt"
+    real = torch.load(last, weights_only=True)  # a real one needs nothing beyond torch's safe types
+    assert real["global_step"] == 2 and "optimizer_states" in real
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "payload": _Planted(marker)}, last)
+    with pytest.raises(SelfAlignError, match=r"last\.ckpt: refused to load this resume checkpoint"):
+        train.run(train_cfg(*base, "resume=true", run="resumed"))
+    assert not marker.exists()
+
+
 def test_out_of_memory_names_the_knobs(train_cfg):
     class OOM(pl.Callback):
         def on_train_batch_start(self, *args):
@@ -191,6 +215,15 @@ def test_ddp_preset_builds_lightnings_ddp_strategy(compose_cfg):
     cfg = to_typed(compose_cfg(["stage=train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]))
     trainer = pl.Trainer(**cfg.trainer.lightning_kwargs() | {"precision": "32-true"}, logger=False)
     assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_devices == 2
+
+
+def test_cli_data_that_is_not_utf8_names_the_file_and_line(cli, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"instruction": "\xff", "output": "b", "persona_id": "neutral-concise"}\n')
+    proc = cli("stage=train", "base_model=tiny_llama", f"data={bad}", f"paths.adapters_dir={tmp_path}/a")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {bad}:1: not UTF-8 text (byte 0xff at column 18)"]
+    assert "Traceback" not in proc.stderr
 
 
 def test_cli_bad_data_is_one_line_with_the_line_number(cli, tmp_path):

@@ -1,7 +1,15 @@
-"""The frozen Golden 100 eval set: every reader goes through `load_golden`, which checks the lock."""
+"""The frozen Golden 100 eval set, pinned in code: every reader goes through `load_golden`, which checks it.
+
+A frozen set is known to this version by its file name, its sha256 and the ids of each category (`FROZEN`): the
+`.sha256` file beside it is for `sha256sum -c`, not the authority. Any other file is a custom set, read with
+`load_custom_set` only when a user names it (`eval.custom_set`): it never sets a milestone gate or the
+`champion` alias.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from selfalign.errors import SelfAlignError
@@ -10,34 +18,59 @@ from selfalign.utils.io import iter_jsonl
 
 CATEGORIES = ("style", "qa", "refusal", "safety", "neutrality")
 COMPOSITION = {"style": 40, "qa": 20, "refusal": 20, "safety": 10, "neutrality": 10}
+CUSTOM_NOTE = "custom set, not the milestone"
+
+
+@dataclass(frozen=True)
+class FrozenSet:
+    sha256: str
+    ids: dict[str, tuple[str, ...]]  # category -> its row ids, in file order
+
+
+def _span(first: int, last: int) -> tuple[str, ...]:
+    return tuple(f"eval-{i:04d}" for i in range(first, last + 1))
+
+
+FROZEN = {
+    "golden_v0.jsonl": FrozenSet(
+        sha256="5ac560796714a5dc278e12e5633d1ba8c8b3a25b96a624fea8328c3d8a6c24de",
+        ids={
+            "style": _span(1, 40),
+            "qa": _span(41, 60),
+            "refusal": _span(61, 80),
+            "safety": _span(81, 90),
+            "neutrality": _span(91, 100),
+        },
+    ),
+}
 
 
 def lock_path(path: Path) -> Path:
-    """`golden_v0.jsonl` is locked by `golden_v0.jsonl.sha256`, in `sha256sum -c` format."""
+    """`golden_v0.jsonl.sha256` beside the set, in `sha256sum -c` format (for people; the code pins `FROZEN`)."""
     return path.with_name(path.name + ".sha256")
 
 
 def verify_lock(path: str | Path) -> str:
-    """Return the set's sha256, or raise SelfAlignError when the file or its lock is missing or differs."""
+    """The sha256 of a frozen set, or SelfAlignError when the file is missing, unknown or not the pinned bytes."""
     path = Path(path)
     if not path.is_file():
         raise SelfAlignError(f"{path}: eval set not found")
-    lock = lock_path(path)
-    if not lock.is_file():
-        raise SelfAlignError(f"{path}: no lock file {lock.name} beside it; a Golden set must be frozen")
-    expected = lock.read_text(encoding="utf-8").split()[0].strip().lower()
-    actual = sha256_file(path)
-    if actual != expected:
+    frozen = FROZEN.get(path.name)
+    if frozen is None:
         raise SelfAlignError(
-            f"{path}: sha256 {actual[:12]}… does not match {lock.name} ({expected[:12]}…); "
-            "the Golden set is frozen: restore it (git checkout) instead of editing it"
+            f"{path}: not a frozen set of this version ({', '.join(FROZEN)}); to evaluate on another file, name it "
+            f"as a custom set: eval.custom_set={path} ({CUSTOM_NOTE}: no milestone gate, no champion alias)"
+        )
+    actual = sha256_file(path)
+    if actual != frozen.sha256:
+        raise SelfAlignError(
+            f"{path}: sha256 {actual[:12]}… is not the frozen {path.name} ({frozen.sha256[:12]}…, pinned in "
+            "selfalign.eval.golden); the Golden set is frozen: restore it (git checkout) instead of editing it"
         )
     return actual
 
 
-def load_golden(path: str | Path) -> list[dict]:
-    """Rows `{"id", "prompt", "tags"}` of a locked eval set; the first tag is the row's category."""
-    verify_lock(path)
+def _read_rows(path: Path) -> list[dict]:
     rows, seen = [], set()
     try:
         numbered = list(iter_jsonl(path))
@@ -48,10 +81,40 @@ def load_golden(path: str | Path) -> list[dict]:
             raise SelfAlignError(f"{path}:{lineno}: a row must have exactly the keys id, prompt, tags")
         if row["id"] in seen:
             raise SelfAlignError(f"{path}:{lineno}: duplicate id {row['id']!r}")
-        if not row["tags"] or row["tags"][0] not in CATEGORIES:
+        if not isinstance(row["tags"], list) or not row["tags"] or row["tags"][0] not in CATEGORIES:
             raise SelfAlignError(f"{path}:{lineno}: first tag must be one of {', '.join(CATEGORIES)}")
         seen.add(row["id"])
         rows.append(row)
+    return rows
+
+
+def check_composition(path: Path, rows: list[dict], frozen: FrozenSet) -> None:
+    """The 40/20/20/10/10 composition and each category's ids, as pinned."""
+    counts = Counter(r["tags"][0] for r in rows)
+    if counts != Counter(COMPOSITION):
+        raise SelfAlignError(f"{path}: composition {dict(counts)} is not {COMPOSITION}")
+    for category, ids in frozen.ids.items():
+        if tuple(r["id"] for r in by_category(rows, category)) != ids:
+            raise SelfAlignError(f"{path}: the {category} rows are not the pinned ids {ids[0]}…{ids[-1]}")
+
+
+def load_custom_set(path: str | Path) -> list[dict]:
+    """Rows of a user's own eval file (same row format; no lock, no composition): a custom set."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelfAlignError(f"{path}: eval set not found")
+    rows = _read_rows(path)
+    if not rows:
+        raise SelfAlignError(f"{path}: the custom set has no rows")
+    return rows
+
+
+def load_golden(path: str | Path) -> list[dict]:
+    """Rows `{"id", "prompt", "tags"}` of a frozen set (the first tag is the row's category), all checks passed."""
+    path = Path(path)
+    verify_lock(path)
+    rows = _read_rows(path)
+    check_composition(path, rows, FROZEN[path.name])
     return rows
 
 

@@ -14,14 +14,14 @@ Refusal (`refusal_detect`, `refusal_rate`)
 
 Toxicity (`toxicity_score`, `toxicity_scores`, `toxicity_stats`)
     Measures how likely a text is to be abusive towards a person or a group: insults, harassment,
-    threats, demeaning or dehumanising generalisations about groups, profane insults. It is a logistic
-    regression head on all-MiniLM-L6-v2 sentence embeddings plus alt-profanity-check's probability as one
-    extra feature, trained by scripts/train_toxicity_head.py on Davidson et al. 2017 (hate vs neither),
-    ToxiGen's human-curated statements and data/toxicity_labelled.jsonl; a text scores the maximum over
-    overlapping 120-word windows. Held-out ROC-AUC and the functional-suite accuracy per function are in
-    data/toxicity_head.json and DECISIONS.md. Blind spots: negated hate ("X are not inferior"), counter-speech
-    that quotes hate and reclaimed slurs score as the hate they mention; sarcasm and coded language are
-    missed; non-English text is out of scope.
+    threats, demeaning or dehumanising generalisations about groups, profane insults. The model
+    (eval/toxicity.py) is the first two layers of all-MiniLM-L6-v2 fine-tuned with LoRA plus a linear head,
+    run int8 in ONNX Runtime, trained by scripts/train_toxicity_head.py on Davidson et al. 2017 (hate vs
+    neither), ToxiGen's human-curated statements, data/toxicity_labelled.jsonl and contrast sentences we
+    wrote (negated hate, counter-speech, reclaimed slurs, with hateful counterparts); a text scores the
+    maximum over overlapping 120-word windows. Held-out ROC-AUC and the functional-suite accuracy per
+    function are in data/toxicity_head.json and DECISIONS.md. Blind spots: see the README's Metrics table;
+    sarcasm and coded language are missed; non-English text is out of scope.
 
 Style (`style_score`, `style_scores`, `style_components`)
     How closely an answer follows the persona's written style, in [0, 1]: the all-MiniLM-L6-v2 cosine to
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,15 +55,10 @@ import numpy as np
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REFUSAL_DATA = DATA_DIR / "refusal_labelled.jsonl"
 TOXICITY_DATA = DATA_DIR / "toxicity_labelled.jsonl"
-TOXICITY_HEAD = DATA_DIR / "toxicity_head.safetensors"
-TOXICITY_META = DATA_DIR / "toxicity_head.json"
 
 # Fixed splits: the refusal rules were developed on the 70% part only; the toxicity head is trained on 75%.
 REFUSAL_SPLIT = {"test_frac": 0.30, "seed": 1234}
 TOXICITY_SPLIT = {"test_frac": 0.25, "seed": 42}
-
-# The feature layout the shipped head must have: embedding dims first, then the profanity probability.
-TOXICITY_FEATURES = ["minilm_l6_v2_embedding[384]", "profanity_check_prob[1]"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,68 +333,6 @@ def refusal_rate(texts: list[str]) -> float:
 # toxicity
 # --------------------------------------------------------------------------------------------------
 
-_head_lock = threading.Lock()
-
-
-@lru_cache(maxsize=1)
-def _profanity():
-    from profanity_check import predict_prob
-
-    return predict_prob
-
-
-def profanity_probs(texts: list[str]) -> np.ndarray:
-    """alt-profanity-check's probability that each text is profane (bag-of-words linear SVM)."""
-    texts = list(texts)
-    if not texts:
-        return np.zeros(0, dtype=np.float64)
-    return np.asarray(_profanity()(texts), dtype=np.float64)
-
-
-def toxicity_features(texts: list[str]) -> np.ndarray:
-    """The head's input, layout `TOXICITY_FEATURES`: (n, 385) = 384-d embedding, then profanity probability."""
-    from selfalign.eval.embedder import embed
-
-    texts = list(texts)
-    return np.hstack([embed(texts).astype(np.float64), profanity_probs(texts)[:, None]])
-
-
-@lru_cache(maxsize=1)
-def load_toxicity_head() -> dict:
-    """The shipped head: weight, bias, mean, scale (NumPy float64) and its metadata; loaded once per process.
-
-    A missing or corrupt file raises SelfAlignError naming it (one line at the entrypoint, no traceback).
-    """
-    from safetensors.numpy import load_file
-
-    from selfalign.errors import SelfAlignError
-
-    with _head_lock:
-        try:
-            meta = json.loads(TOXICITY_META.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise SelfAlignError(f"{TOXICITY_META}: cannot read the toxicity head's metadata ({exc})") from exc
-        if not isinstance(meta, dict) or meta.get("features") != TOXICITY_FEATURES:
-            raise SelfAlignError(f"{TOXICITY_META}: feature layout is not {TOXICITY_FEATURES}")
-        try:
-            tensors = {k: v.astype(np.float64) for k, v in load_file(str(TOXICITY_HEAD)).items()}
-        except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-            raise SelfAlignError(f"{TOXICITY_HEAD}: cannot load the toxicity head ({exc})") from exc
-        if set(tensors) != {"weight", "bias", "mean", "scale"}:
-            raise SelfAlignError(f"{TOXICITY_HEAD}: expected tensors weight, bias, mean, scale")
-        dim = tensors["weight"].shape[0]
-        if tensors["mean"].shape != (dim,) or tensors["scale"].shape != (dim,) or tensors["bias"].shape != (1,):
-            raise SelfAlignError(f"{TOXICITY_HEAD}: tensor shapes do not match")
-        return {**tensors, "meta": meta}
-
-
-def toxicity_from_features(features: np.ndarray) -> np.ndarray:
-    """Probabilities from precomputed `toxicity_features` rows: sigmoid(((x - mean) / scale) @ w + b)."""
-    head = load_toxicity_head()
-    logits = ((features - head["mean"]) / head["scale"]) @ head["weight"] + head["bias"][0]
-    return 1.0 / (1.0 + np.exp(-logits))
-
-
 WINDOW_WORDS = 120  # about 160 word pieces: inside the embedder's 256, so no window is cut
 WINDOW_STRIDE = 90  # overlapping windows, so a passage across a boundary is still seen whole
 # A line that is only a heading ("Answer:", "**Claim**:", "## Next steps") carries nothing to judge.
@@ -444,8 +376,9 @@ def toxicity_scores(texts: list[str]) -> list[float]:
 
     A blank text scores 0.0; a long text is judged over its whole length, not only its first window.
     """
-    scores = max_over_windows(list(texts), lambda windows: toxicity_from_features(toxicity_features(windows)))
-    return [float(p) for p in scores]
+    from selfalign.eval.toxicity import shipped_scorer
+
+    return [float(p) for p in max_over_windows(list(texts), shipped_scorer())]
 
 
 def toxicity_score(text: str) -> float:

@@ -68,18 +68,31 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def check_compatible(manifest: dict, path: Path, base_model: str, template_hash: str) -> None:
-    """Refuse an adapter trained on another base or chat template, naming both sides."""
+def _same_base(manifest: dict, path: Path, base_model: str) -> None:
     if manifest["base_model"] != base_model:
         raise SelfAlignError(
             f"{path}: adapter {manifest['adapter_id']!r} was trained on base model {manifest['base_model']!r}, "
             f"but this runtime serves {base_model!r}"
         )
+
+
+def check_compatible(manifest: dict, path: Path, base_model: str, template_hash: str) -> None:
+    """Refuse an adapter trained on another base or chat template, naming both sides."""
+    _same_base(manifest, path, base_model)
     if manifest["chat_template_hash"] != template_hash:
         raise SelfAlignError(
             f"{path}: adapter {manifest['adapter_id']!r} expects chat template {manifest['chat_template_hash'][:12]}…, "
             f"but {base_model!r} renders with {template_hash[:12]}…"
         )
+
+
+def preflight(adapter_dir: str | os.PathLike, root: str | os.PathLike, base_model: str) -> Path:
+    """Every check an attach makes that needs no loaded model (path inside `root`, safetensors, manifest, base
+    model name), in milliseconds: run it before loading the base so a bad path fails fast. The chat-template check
+    needs the tokenizer and stays in `check_compatible` at attach time."""
+    path = resolve_adapter_dir(adapter_dir, root)
+    _same_base(read_manifest(path), path, base_model)
+    return path
 
 
 def build_manifest(

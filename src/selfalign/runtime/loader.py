@@ -290,8 +290,12 @@ def generate(
     adapter: str | None = None,
     system: str | None = None,
     streamer: Any = None,
+    cancel: threading.Event | None = None,
 ) -> Generation:
-    """Batched generation with left padding; greedy when temperature is 0, seeded sampling otherwise."""
+    """Batched generation with left padding; greedy when temperature is 0, seeded sampling otherwise.
+
+    `cancel`, once set, ends the generation after the token step in progress (a client that went away).
+    """
     import torch
 
     tok = handle.tokenizer
@@ -316,6 +320,14 @@ def generate(
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if streamer is not None:
         kwargs["streamer"] = streamer
+    if cancel is not None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([Cancelled()])
     with handle.lock:
         name = resolve_adapter_name(handle, adapter)
         if handle.adapters:  # a PeftModel: name the adapter for every row

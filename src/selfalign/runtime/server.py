@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfalign.errors import SelfAlignError
@@ -38,9 +38,24 @@ from selfalign.runtime.loader import (
 )
 
 
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[ContentPart]  # a list of parts, as OpenAI clients send: text parts only
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[ContentPart]) -> str:
+        if isinstance(content, str):
+            return content
+        for i, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"part {i} has type {part.type!r}: this server takes text parts only")
+        return "".join(part.text for part in content)
 
 
 class ChatRequest(BaseModel):
@@ -90,6 +105,7 @@ def create_app(
     api_key: str | None = None,
     alias: str = "selfalign",
     default_max_tokens: int = 256,
+    max_tokens_limit: int = 1024,
 ) -> FastAPI:
     app = FastAPI(title="SelfAlign", version="1")
     root = Path(adapters_root)
@@ -117,8 +133,15 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation(_, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+            at = first.get("loc", ("body", "?"))[-1]
+            detail = (first.get("ctx") or {}).get("error", "")
+            return _error(
+                400, f"request body is not valid JSON (at character {at}: {detail})".replace(": )", ")"), "invalid_json"
+            )
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"{where}: {first.get('msg', 'invalid request')}".strip(": "), "invalid_request")
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return _error(400, f"{where}: {message}".strip(": "), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc: StarletteHTTPException):
@@ -161,9 +184,15 @@ def create_app(
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", dependencies=guard)
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         adapter = route(req.model)
         max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        if max_new > max_tokens_limit:  # one request must not hold the model for every other client
+            raise ApiError(
+                400,
+                f"max_tokens={max_new} is above this server's limit of {max_tokens_limit} (serve.max_tokens_limit)",
+                "max_tokens_too_large",
+            )
         messages = [m.model_dump() for m in req.messages]
         options = dict(
             max_new_tokens=max_new,
@@ -176,7 +205,9 @@ def create_app(
         headers = {"x-selfalign-adapter": adapter or "base"}
         if req.stream:
             return StreamingResponse(
-                stream(messages, options, req, rid, created), media_type="text/event-stream", headers=headers
+                stream(messages, options, req, rid, created, request),
+                media_type="text/event-stream",
+                headers=headers,
             )
         result = await run_in_threadpool(generate, handle, [messages], **options)
         text, stopped = _apply_stop(result.texts[0], req.stop)
@@ -196,15 +227,20 @@ def create_app(
         }
         return JSONResponse(body, headers=headers)
 
-    def stream(messages, options, req: ChatRequest, rid: str, created: int):
+    async def stream(messages, options, req: ChatRequest, rid: str, created: int, request: Request):
+        """SSE chunks. While the model generates, a watcher waits on the connection (as Starlette's own disconnect
+        listener does): when the client goes away it sets `cancel`, and the generation stops after the token step
+        in progress, freeing the model for the next request. Chunks alone are no signal: the streamer holds text
+        back until a word ends, and a write to a closed socket is not always an error."""
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(handle.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         outcome: dict = {}
+        cancel = threading.Event()
 
         def work():
             try:
-                outcome["result"] = generate(handle, [messages], streamer=streamer, **options)
+                outcome["result"] = generate(handle, [messages], streamer=streamer, cancel=cancel, **options)
             except Exception as exc:  # surfaced to the client as an error event
                 outcome["error"] = str(exc)
                 streamer.end()
@@ -219,18 +255,33 @@ def create_app(
             }
             return f"data: {json.dumps(body)}\n\n"
 
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            cancel.set()
+
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield chunk({"role": "assistant", "content": ""})
-        sent, stopped = "", False
-        for piece in streamer:
-            if stopped:
-                continue
-            text, stopped = _apply_stop(sent + piece, req.stop)
-            if len(text) > len(sent):
-                yield chunk({"content": text[len(sent) :]})
-                sent = text
-        thread.join()
+        watcher = asyncio.create_task(watch())
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            sent, stopped = "", False
+            pieces = iter(streamer)
+            while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+                if cancel.is_set():
+                    break
+                if stopped:
+                    continue
+                text, stopped = _apply_stop(sent + piece, req.stop)
+                if len(text) > len(sent):
+                    yield chunk({"content": text[len(sent) :]})
+                    sent = text
+        finally:
+            cancel.set()  # a no-op after a normal end; after a disconnect (or a cancelled task) it stops generation
+            watcher.cancel()
+        await run_in_threadpool(thread.join)
+        if await request.is_disconnected():
+            return
         if "error" in outcome:
             yield f"data: {json.dumps({'error': {'message': outcome['error'], 'type': 'server_error'}})}\n\n"
         else:

@@ -184,4 +184,4 @@ def _check_golden(golden_dir: str) -> Check:
 
     path = Path(golden_dir) / "golden_v0.jsonl"
     rows = load_golden(path)
-    return Check("golden set", "pass", f"{path.name}: {len(rows)} prompts, lock verified")
+    return Check("golden set", "pass", f"{path.name}: {len(rows)} prompts, pinned sha256 and composition verified")

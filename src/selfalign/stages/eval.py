@@ -18,7 +18,7 @@ from rich.table import Table
 
 from selfalign.config import SelfAlignConfig, git_short_sha
 from selfalign.errors import SelfAlignError
-from selfalign.eval.golden import load_golden, verify_lock
+from selfalign.eval.golden import CUSTOM_NOTE, load_custom_set, load_golden
 from selfalign.eval.harness import EvalSettings, Outputs, Target, evaluate
 from selfalign.persona.schema import load_persona
 from selfalign.runtime.models import model_revision
@@ -71,9 +71,10 @@ def run(cfg: SelfAlignConfig) -> dict:
     from selfalign.runtime.adapters import read_manifest, resolve_adapter_dir
     from selfalign.runtime.loader import load_base
 
-    golden_path = Path(cfg.eval.golden)
-    golden_sha = verify_lock(golden_path)
-    rows = load_golden(golden_path)
+    custom = cfg.eval.custom_set is not None
+    golden_path = Path(cfg.eval.custom_set if custom else cfg.eval.golden)
+    rows = load_custom_set(golden_path) if custom else load_golden(golden_path)
+    golden_sha = sha256_file(golden_path)
     default_persona, _ = load_persona(cfg.persona.path)
     known = personas_by_id(cfg.paths.persona_dir)
     planned = []
@@ -135,17 +136,21 @@ def run(cfg: SelfAlignConfig) -> dict:
         )
     if cached is None:
         write_json(vars(base_out), base_cache)
-    report["evalset"] = {"path": str(golden_path), "sha256": golden_sha, "n": len(rows)}
+    report["evalset"] = {"path": str(golden_path), "sha256": golden_sha, "n": len(rows), "custom": custom}
+    if custom:
+        report["evalset"]["note"] = CUSTOM_NOTE
     report["config_hash"] = config_hash
     run_dir = Path(cfg.paths.run_dir)
     for model, per_row in samples.items():
         write_jsonl(per_row, run_dir / "samples" / f"{model}.jsonl")
-    for entry in report["adapters"]:  # the alias goes only to a registered version that passes every gate
-        entry["champion"] = bool(cfg.tracking.enabled and entry["registry"] and entry["gates"]["passed"])
+    for entry in report["adapters"]:  # the alias: a registered version passing every gate on the frozen set
+        entry["champion"] = bool(cfg.tracking.enabled and entry["registry"] and entry["gates"]["passed"] and not custom)
     write_json(report, run_dir / "eval_report.json")
     write_json(report, report_path)
     log_to_mlflow(cfg, report, golden_sha, run_dir)
     print_table(report)
+    if custom:
+        console.print(f"[yellow]eval:[/] {golden_path} is a {CUSTOM_NOTE}: its gates are for information only")
     EventLog(run_dir).event("eval_done", passed=report["passed"], report=str(report_path))
     console.print(f"[green]eval:[/] report {report_path}, samples {run_dir / 'samples'}")
     return {"passed": report["passed"], "report": str(report_path), "eval": report}
@@ -222,7 +227,9 @@ def flat_metrics(metrics: dict, base: dict | None, gates: dict | None) -> dict[s
 
 
 def print_table(report: dict) -> None:
-    table = Table(title=f"Golden 100 on {report['base_model']}: base vs adapters")
+    evalset = report.get("evalset", {})
+    name = f"{Path(evalset['path']).name} ({CUSTOM_NOTE})" if evalset.get("custom") else "Golden 100"
+    table = Table(title=f"{name} on {report['base_model']}: base vs adapters")
     for col in (
         "model",
         "persona",
@@ -265,3 +272,7 @@ def print_table(report: dict) -> None:
             "[green]pass[/]" if g["passed"] else "[red]fail[/]",
         )
     console.print(table)
+    for a in report["adapters"]:
+        for gate, verdict in a["gates"].items():
+            if isinstance(verdict, dict) and "reason" in verdict:
+                console.print(f"[red]{a['name']}: {gate} failed:[/] {verdict['reason']}")

@@ -8,6 +8,7 @@ from rich.panel import Panel
 
 from selfalign.config import SelfAlignConfig
 from selfalign.errors import SelfAlignError
+from selfalign.runtime.adapters import preflight
 from selfalign.runtime.loader import BASE_ALIASES, apply_adapter, generate, load_base
 from selfalign.utils.console import console
 from selfalign.utils.io import write_json
@@ -17,8 +18,11 @@ from selfalign.utils.logging import EventLog
 def run(cfg: SelfAlignConfig) -> dict:
     if not cfg.prompt:
         raise SelfAlignError('stage=infer needs a prompt: prompt="Explain the Lindy effect."')
+    with_adapter = cfg.adapter is not None and cfg.adapter not in BASE_ALIASES
+    if with_adapter:  # path, format and base model checked before the 7-12 s load
+        preflight(cfg.adapter, cfg.paths.adapters_dir, cfg.base_model.name)
     handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
-    if cfg.adapter is not None and cfg.adapter not in BASE_ALIASES:
+    if with_adapter:
         apply_adapter(handle, cfg.adapter, root=cfg.paths.adapters_dir)
     result = generate(
         handle,

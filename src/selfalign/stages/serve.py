@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 
 from selfalign.config import SelfAlignConfig
 from selfalign.errors import SelfAlignError
@@ -20,26 +22,74 @@ def api_key(env_name: str | None) -> str | None:
     return key
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads: a busy port fails in milliseconds, and nothing can take
+    the port between this check and the server starting (uvicorn serves on this very socket)."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(128)
+    except OSError as exc:
+        raise SelfAlignError(
+            f"serve.port={port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+            "pick another serve.port or stop what holds it"
+        ) from None
+    return sock
+
+
+def preflight(cfg: SelfAlignConfig) -> str | None:
+    """The checks that need no model, before the 7-12 s load: the API key, adapter paths and formats."""
+    from selfalign.runtime.adapters import preflight as adapter_preflight
+
+    key = api_key(cfg.serve.api_key_env)
+    if key is None and not is_loopback(cfg.serve.host):
+        raise SelfAlignError(
+            f"serve.host={cfg.serve.host} is reachable from other machines: set serve.api_key_env=<VAR> and export "
+            "a key in $VAR (clients send it as a Bearer token), or keep the default serve.host=127.0.0.1"
+        )
+    for path in cfg.serve.adapters:
+        adapter_preflight(path, cfg.paths.adapters_dir, cfg.base_model.name)
+    return key
+
+
 def run(cfg: SelfAlignConfig) -> dict:
     import uvicorn
 
     from selfalign.runtime.server import create_app
 
-    key = api_key(cfg.serve.api_key_env)
-    handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
-    for path in cfg.serve.adapters:
-        apply_adapter(handle, path, root=cfg.paths.adapters_dir, activate=False)
+    key = preflight(cfg)
+    sock = bind(cfg.serve.host, cfg.serve.port)
+    try:
+        handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
+        for path in cfg.serve.adapters:
+            apply_adapter(handle, path, root=cfg.paths.adapters_dir, activate=False)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(
         handle,
         cfg.paths.adapters_dir,
         api_key=key,
         alias=cfg.serve.model_alias,
         default_max_tokens=cfg.serve.max_new_tokens,
+        max_tokens_limit=cfg.serve.max_tokens_limit,
     )
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     events = EventLog(cfg.paths.run_dir)
     events.event("serve_start", url=url, base_model=handle.name, adapters=list(handle.adapters))
     console.print(f"[bold green]serving[/] {handle.name} at {url} (adapters root {cfg.paths.adapters_dir})")
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])
     events.event("serve_stop")
     return {"passed": True, "url": url}

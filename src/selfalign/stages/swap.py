@@ -1,4 +1,4 @@
-"""`stage=swap adapter=<dir>`: ask a running server to load and activate an adapter (`none`: the base)."""
+"""`stage=swap adapter=<dir>`: ask a running server to load and activate an adapter (`adapter=base`: the base)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,12 @@ def post(url: str, body: dict, key: str | None, timeout: float) -> dict:
 
 
 def run(cfg: SelfAlignConfig) -> dict:
+    if cfg.adapter is None:  # never a silent switch back to the base
+        raise SelfAlignError(
+            "stage=swap needs adapter=<dir under paths.adapters_dir>, or adapter=base for the base model"
+        )
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1/adapters/swap"
-    body = {"name": None} if cfg.adapter is None or cfg.adapter in BASE_ALIASES else {"path": cfg.adapter}
+    body = {"name": None} if cfg.adapter in BASE_ALIASES else {"path": cfg.adapter}
     key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
     reply = post(url, body, key, cfg.serve.timeout_s)
     active = reply.get("active")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -258,11 +259,19 @@ def fit_adapter(
     torch.utils.deterministic.fill_uninitialized_memory = False
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=False)
+        # weights_only: a resume checkpoint holds tensors, numbers, strings and containers only (tested), so
+        # torch's safe unpickler needs no allowlist; a file holding anything else is refused, never run.
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
         final_train = trainer.callback_metrics.get("train_loss")  # `validate` below clears callback_metrics
         if best.weights is None:  # stopped (max_steps) before any validation: validate the final weights
             trainer.validate(module, datamodule=data, verbose=False)
             best.on_validation_end(trainer, module)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[-1][:200]
+        raise SelfAlignError(
+            f"{last}: refused to load this resume checkpoint: it holds more than tensors and plain values ({reason}); "
+            "delete it (or the unfinished run's folder) to start over"
+        ) from None
     except Exception as exc:
         if _out_of_memory(exc):
             raise SelfAlignError(
