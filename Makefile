@@ -30,6 +30,8 @@ $(VENV)/.setup: pyproject.toml
 
 $(VENV)/.setup-dev: $(VENV)/.setup
 	$(PIP) install -e '.[dev]'
+	# Headless Chromium from Debian's packages: the MLflow UI test renders the runs page in a real browser.
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	touch $@
 
 setup: $(VENV)/.setup

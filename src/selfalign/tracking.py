@@ -94,7 +94,7 @@ def _model_exists(client, name: str) -> bool:
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def _experiment_id(cfg: TrackingConfig) -> str:
+def ensure_experiment(cfg: TrackingConfig) -> str:
     """Point MLflow at the configured store; the experiment's id, created on first use, tagged with its kind."""
     import mlflow
 
@@ -124,7 +124,7 @@ def tracked_run(cfg: TrackingConfig, *, run_name: str, tags: dict[str, str], par
         return
     import mlflow
 
-    experiment_id = _experiment_id(cfg)
+    experiment_id = ensure_experiment(cfg)
     if parent := os.environ.get(PARENT_RUN_ENV):
         tags = {**tags, "mlflow.parentRunId": parent}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
@@ -141,7 +141,7 @@ def open_parent_run(cfg: TrackingConfig, run_name: str, tags: dict[str, str]) ->
         return None
     from mlflow import MlflowClient
 
-    experiment_id = _experiment_id(cfg)  # sets the tracking URI, which the client reads when it is made
+    experiment_id = ensure_experiment(cfg)  # sets the tracking URI, which the client reads when it is made
     outer = os.environ.get(PARENT_RUN_ENV)
     if outer:
         tags = {**tags, "mlflow.parentRunId": outer}

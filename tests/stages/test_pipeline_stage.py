@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+from selfalign.config import PROJECT_ROOT
 from tests.servers import free_port, http
 
 pytestmark = pytest.mark.slow
@@ -106,6 +110,21 @@ def test_demo_prints_both_adapters_side_by_side_and_the_milestone(both):
     assert all(d["attach_ms"] < 1000 for k, d in milestone["demo"].items() if k != "between_adapters")
 
 
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"  # git-ignored; CI keeps what the tests leave here
+
+
+def browse(url: str, screenshot: Path) -> str:
+    """The DOM of `url` after its scripts ran, in Debian's headless Chromium (installed by `make test`); saves a
+    screenshot."""
+    chromium = shutil.which("chromium")
+    assert chromium, "headless Chromium is needed: apt-get install chromium (make test does)"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars"]
+    flags += ["--virtual-time-budget=30000", "--window-size=1400,900"]
+    subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=180, check=True)
+    return subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True).stdout
+
+
 def test_mlflow_ui_serves_the_logged_runs_and_stops_cleanly(both):
     root, _ = both
     port = free_port()
@@ -130,10 +149,23 @@ def test_mlflow_ui_serves_the_logged_runs_and_stops_cleanly(both):
                 time.sleep(1)
         status, body = http("POST", f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": ["1"], "max_results": 100})
         assert status == 200
-        names = {r["info"]["run_name"] for r in body["runs"]}
+        logged = body["runs"]
+        names = {r["info"]["run_name"] for r in logged}
         assert {"pipeline-neutral-concise", "train-socratic-skeptical-0.1.0", "eval-neutral-concise-0_1_0"} <= names
         status, body = http("GET", f"{url}/api/2.0/mlflow/registered-models/get?name=socratic-skeptical")
         assert status == 200 and body["registered_model"]["name"] == "socratic-skeptical"
+        top = {
+            r["info"]["run_name"]
+            for r in logged
+            if not any(t["key"] == "mlflow.parentRunId" for t in r["data"]["tags"])
+        }
+        page = re.search(r"the runs at (\S+)", proc.stdout.readline()).group(1)  # the stage's first line
+        assert page == f"{url}/#/experiments/1/runs?workflowType=machine_learning"
+        shot = ARTIFACTS / "mlflow_ui_runs.png"
+        shown = browse(page, shot)  # the page a user opens, rendered by a real browser
+        assert top and all(f">{name}<" in shown for name in top), (top, shown[-2000:])
+        assert "Overview" not in shown  # not the GenAI landing page
+        assert shot.stat().st_size > 10_000
     finally:
         os.kill(proc.pid, signal.SIGTERM)  # only the stage: it must stop the server it started
         out, _ = proc.communicate(timeout=90)

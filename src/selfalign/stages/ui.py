@@ -31,13 +31,23 @@ def ui_command(cfg: SelfAlignConfig) -> list[str]:
     ]  # fmt: skip
 
 
+def runs_url(cfg: SelfAlignConfig) -> str:
+    """The page to open: the experiment's runs in MLflow 3's "Model training" view. The UI picks its view from
+    the `workflowType` in the URL, else from the browser's last choice, else GenAI (an empty "Overview" page for
+    these runs); the experiment's `mlflow.experimentKind` tag alone did not change that in 3.17.2."""
+    from selfalign.tracking import ensure_experiment
+
+    experiment = ensure_experiment(cfg.tracking)
+    return f"http://{cfg.ui.host}:{cfg.ui.port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
 def run(cfg: SelfAlignConfig) -> dict:
     if not cfg.tracking.enabled:
         raise SelfAlignError("stage=ui shows the MLflow store; tracking is off (tracking=none)")
     command = ui_command(cfg)
     console.print(
-        f"[bold green]MLflow UI[/] at http://{cfg.ui.host}:{cfg.ui.port} over {cfg.tracking.tracking_uri} "
-        "(Ctrl-C stops it)"
+        f"[bold green]MLflow UI[/] over {cfg.tracking.tracking_uri}, the runs at {runs_url(cfg)} (Ctrl-C stops it)",
+        soft_wrap=True,
     )
     proc = subprocess.Popen(command)
 
