@@ -50,10 +50,21 @@ def to_typed(cfg: DictConfig) -> SelfAlignConfig:
 
 
 def write_run_files(cfg: DictConfig, run_dir: Path) -> None:
+    """The config snapshot and env.json, without importing torch: a user's mistake is caught in about 2 s."""
     from selfalign.envinfo import collect_env
 
     atomic_write_text(run_dir / "config_snapshot.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    write_json(collect_env(str(cfg.paths.root_dir)), run_dir / "env.json")
+    write_json(collect_env(str(cfg.paths.root_dir), load_torch=False), run_dir / "env.json")
+
+
+def complete_env(run_dir: Path) -> None:
+    """Once the stage has imported torch: env.json gains CUDA and the GPUs (nothing to add otherwise)."""
+    from selfalign.envinfo import torch_info
+
+    path = run_dir / "env.json"
+    if "torch" in sys.modules and path.is_file():
+        env = json.loads(path.read_text(encoding="utf-8"))
+        write_json(env | {"torch": torch_info()}, path)
 
 
 def run(cfg: DictConfig) -> tuple[int, dict]:
@@ -70,7 +81,10 @@ def run(cfg: DictConfig) -> tuple[int, dict]:
         events = EventLog(run_dir)
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         events.event("run_start", stage=conf.stage.name, overrides=overrides, seed=conf.seed)
-        result = get_stage(conf.stage.name)(conf)
+        try:
+            result = get_stage(conf.stage.name)(conf)
+        finally:
+            complete_env(run_dir)
         passed = result.get("passed", True)
         atomic_write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         events.event("run_end", stage=conf.stage.name, passed=passed)

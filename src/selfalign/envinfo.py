@@ -48,8 +48,13 @@ def free_disk_gb(path: str) -> float:
     return shutil.disk_usage(path or "/").free / 2**30
 
 
-def torch_info() -> dict:
-    """torch version and every visible CUDA device with its memory (empty list on CPU-only machines)."""
+def torch_info(load: bool = True) -> dict:
+    """torch version and every visible CUDA device with its memory (empty list on CPU-only machines).
+
+    With `load=False` and torch not imported yet, only its installed version (importing torch takes 2.5 s):
+    a run records that first and the rest once its stage has imported torch."""
+    if not load and "torch" not in sys.modules:
+        return {"version": package_version("torch"), "cuda_available": None, "cuda_version": None, "gpus": None}
     try:
         import torch
     except ImportError:
@@ -67,7 +72,7 @@ def torch_info() -> dict:
     }
 
 
-def collect_env(root_dir: str) -> dict:
+def collect_env(root_dir: str, load_torch: bool = True) -> dict:
     return {
         "selfalign_version": __version__,
         "git_sha": git_short_sha(),
@@ -79,5 +84,5 @@ def collect_env(root_dir: str) -> dict:
         "ram_gb": round(ram_gb(), 2),
         "free_disk_gb": round(free_disk_gb(root_dir), 2),
         "packages": {name: package_version(name) for name in KEY_PACKAGES},
-        "torch": torch_info(),
+        "torch": torch_info(load_torch),
     }

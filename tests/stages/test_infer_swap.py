@@ -36,6 +36,8 @@ def test_infer_with_adapter_matches_the_library_and_records_it(cli, tmp_path, ad
     assert "Callback" not in proc.stderr  # the sweep callback stays out of single runs
     record = json.loads((run_dirs(tmp_path, "infer")[0] / "infer.json").read_text())
     assert record["output"] == expected and record["adapter"] == "alpha"
+    env = json.loads((run_dirs(tmp_path, "infer")[0] / "env.json").read_text())
+    assert env["torch"]["cuda_available"] is False and env["torch"]["gpus"] == []  # completed once torch loaded
     assert record["adapter_dir"] == str((root / "alpha" / "0.0.0").resolve())
     assert record["base_model"] == "tiny-llama" and record["completion_tokens"] == 10
     proc = cli("stage=infer", "base_model=tiny_llama", f"prompt={PROMPT}", "infer.max_new_tokens=10", "adapter=none")

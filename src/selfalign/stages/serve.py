@@ -64,13 +64,13 @@ def preflight(cfg: SelfAlignConfig) -> str | None:
 
 
 def run(cfg: SelfAlignConfig) -> dict:
-    import uvicorn
-
-    from selfalign.runtime.server import create_app
-
     key = preflight(cfg)
     sock = bind(cfg.serve.host, cfg.serve.port)
     try:
+        import uvicorn
+
+        from selfalign.runtime.server import create_app
+
         handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
         for path in cfg.serve.adapters:
             apply_adapter(handle, path, root=cfg.paths.adapters_dir, activate=False)
