@@ -253,7 +253,8 @@ class Scorer:
 
     Dynamic int8 quantisation scales each activation tensor by its own range, so in a padded batch a text's
     score would shift with its batch-mates (measured: 0.0013 alone, 0.0015 in a batch). One text per pass keeps
-    every score a function of its text alone, at 1.27x the batched time.
+    every score a function of its text alone; it cost 1.27x the batched time under load, and nothing in the
+    benchmark (no padding to compute).
     """
 
     def __init__(self, session):
