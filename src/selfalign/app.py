@@ -29,6 +29,11 @@ EXIT_USER_ERROR = 2  # bad input: a file, a field, an override
 RESULT_FILE = "result.json"
 
 
+def print_error(message: str) -> None:
+    """A user's mistake: one line on stderr, `error: <message>`."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def undeclared_message(key: str) -> str:
     return f"config {key}: not a setting SelfAlign declares (check the spelling; a leading + does not add one)"
 
@@ -94,7 +99,7 @@ def run(cfg: DictConfig) -> tuple[int, dict]:
             import traceback
 
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         return EXIT_USER_ERROR, {"passed": False, "error": str(exc)}
 
 
@@ -140,6 +145,6 @@ def cli_undeclared(args: list[str]) -> str | None:
 def main() -> None:
     undeclared = cli_undeclared(sys.argv[1:])
     if undeclared:
-        err_console.print(f"[bold red]error:[/] {undeclared_message(undeclared)}", highlight=False, soft_wrap=True)
+        print_error(undeclared_message(undeclared))
         sys.exit(EXIT_USER_ERROR)
     _hydra_main()
