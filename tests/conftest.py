@@ -15,6 +15,7 @@ from selfalign.config import CONF_DIR, PROJECT_ROOT
 
 PERSONAS = PROJECT_ROOT / "personas"
 GOLDEN = PROJECT_ROOT / "golden" / "golden_v0.jsonl"
+POLICY = PROJECT_ROOT / "golden" / "policy_v0.jsonl"
 
 
 def run_script_check(name: str, timeout: int = 300) -> None:

@@ -159,10 +159,11 @@ def test_doctor_without_model_loads_reports_every_check(cli, tmp_path):
         "torch",
         "base model smollm2-135m-instruct",
         "embedder all-MiniLM-L6-v2",
-        "golden set",
+        "frozen sets",
     ]
     assert doc["passed"] is True and doc["env"]["ram_gb"] > 0
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in doc["checks"][6]["detail"]
+    assert "golden_v0.jsonl: 100 prompts, policy_v0.jsonl: 175 prompts" in doc["checks"][8]["detail"]
 
 
 def test_doctor_fails_on_a_modified_golden_set(cli, tmp_path):
@@ -174,7 +175,7 @@ def test_doctor_fails_on_a_modified_golden_set(cli, tmp_path):
     assert proc.returncode == 1
     doc = json.loads((run_dirs(tmp_path, "doctor")[0] / "doctor.json").read_text())
     failed = [c for c in doc["checks"] if c["status"] == "fail"]
-    assert [c["name"] for c in failed] == ["golden set"]
+    assert [c["name"] for c in failed] == ["frozen sets"]
     assert "is not the frozen golden_v0.jsonl" in failed[0]["detail"]
 
 

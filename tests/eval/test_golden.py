@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 
 import pytest
 
+from selfalign.dataops.dedup import shingles
+from selfalign.dataops.synth import load_bank, redline_categories
 from selfalign.errors import SelfAlignError
 from selfalign.eval.golden import (
     COMPOSITION,
@@ -16,11 +19,13 @@ from selfalign.eval.golden import (
     check_composition,
     load_custom_set,
     load_golden,
+    load_policy,
     lock_path,
     verify_lock,
 )
+from selfalign.persona.schema import load_persona
 from selfalign.utils.hashing import sha256_file
-from tests.conftest import GOLDEN
+from tests.conftest import GOLDEN, PERSONAS, POLICY
 
 
 def test_composition():
@@ -97,3 +102,77 @@ def test_custom_set_malformed_row_names_the_line(tmp_path):
     path.write_text("")
     with pytest.raises(SelfAlignError, match="the custom set has no rows"):
         load_custom_set(path)
+
+
+def test_policy_set_composition_and_pins():
+    rows = load_policy(POLICY)
+    assert FROZEN["policy_v0.jsonl"].sha256 == sha256_file(POLICY)
+    assert lock_path(POLICY).read_text().split() == [sha256_file(POLICY), POLICY.name]
+    assert Counter(r["tags"][0] for r in rows) == {"should-refuse": 70, "near-miss": 70, "bait": 35}
+    assert len({r["prompt"] for r in rows}) == 175
+    # every redline category of every shipped persona has should-refuse and near-miss prompts
+    personas = [load_persona(p)[0] for p in sorted(PERSONAS.glob("*.yaml"))]
+    wanted = {c for p in personas for c in redline_categories(p)}
+    assert wanted == {
+        "weapons",
+        "chemical",
+        "drugs",
+        "hacking",
+        "pii",
+        "self_harm",
+        "doxxing",
+        "tracking",
+        "bio",
+        "violence",
+    }
+    for kind in ("should-refuse", "near-miss"):
+        per = Counter(r["tags"][1] for r in by_category(rows, kind))
+        assert set(per) == wanted and min(per.values()) >= 6, (kind, per)
+    assert set(Counter(r["tags"][1] for r in by_category(rows, "bait"))) == {
+        "insult",
+        "stereotype",
+        "provocation",
+        "jailbreak",
+        "loaded",
+    }
+
+
+def _bank_texts() -> list[str]:
+    """Every instruction the synth bank can produce, and every other string in it (placeholders dropped)."""
+    bank = load_bank()
+    texts = [
+        t.format(topic=topic)
+        for d in bank["domains"].values()
+        for ts in d["templates"].values()
+        for t in ts
+        for topic in d["topics"]
+    ]
+
+    def strings(node):
+        if isinstance(node, str):
+            yield re.sub(r"\{\w+\}", " ", node)
+        elif isinstance(node, dict):
+            for v in node.values():
+                yield from strings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from strings(v)
+
+    return texts + list(strings(bank))
+
+
+def test_policy_set_shares_no_five_word_run_with_the_golden_100_or_the_synth_bank():
+    policy = load_policy(POLICY)
+    for name, others in (("Golden 100", [r["prompt"] for r in load_golden(GOLDEN)]), ("synth bank", _bank_texts())):
+        seen = set().union(*(shingles(t, 5) for t in others))
+        overlaps = {r["id"]: shingles(r["prompt"], 5) & seen for r in policy}
+        assert not {k: v for k, v in overlaps.items() if v}, name
+
+
+def test_the_two_frozen_sets_are_not_interchangeable():
+    with pytest.raises(SelfAlignError, match=r"categories should-refuse, near-miss, bait, not the style"):
+        load_golden(POLICY)
+    with pytest.raises(
+        SelfAlignError, match=r"categories style, qa, refusal, safety, neutrality, not the should-refuse"
+    ):
+        load_policy(GOLDEN)

@@ -21,6 +21,7 @@ def test_bundled_model_eval_scores_every_tag(cli, tmp_path):
         f"paths.adapters_dir={root}",
         "adapter=socratic-skeptical/0.0.0",
         "eval.max_new_tokens=32",
+        "eval.policy=null",  # 175 more prompts per model; the policy block is tested on the tiny model
         "tracking.enabled=false",
         f"eval.report={tmp_path}/report.json",
         timeout=900,

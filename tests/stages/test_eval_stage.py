@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import pytest
 import yaml
@@ -17,7 +18,7 @@ from selfalign.runtime.loader import load_base
 from selfalign.stages import eval as eval_stage
 from selfalign.stages import train
 from selfalign.utils.hashing import sha256_file
-from tests.conftest import GOLDEN, PERSONAS, run_dirs
+from tests.conftest import GOLDEN, PERSONAS, POLICY, run_dirs
 from tests.train.helpers import write_sft
 
 FAST = ["base_model=tiny_llama", "eval.max_new_tokens=8", "eval.batch_size=25"]
@@ -61,16 +62,46 @@ def test_two_adapters_against_one_base_with_gates_reports_and_samples(cli, tmp_p
     # each adapter is judged against its own persona, so the base's style differs per row
     bands = [a["gates"]["refusal_band"]["band"] for a in report["adapters"]]
     assert bands == [[0.08, 0.18], [0.05, 0.15]]
-    samples = {p.stem: [json.loads(x) for x in p.read_text().splitlines()] for p in (run_dir / "samples").iterdir()}
+    samples = {
+        p.stem: [json.loads(x) for x in p.read_text().splitlines()] for p in (run_dir / "samples").glob("*.jsonl")
+    }
     assert set(samples) == {"base", "neutral-concise-0_0_0", "socratic-skeptical-0_0_0"}
     assert all(len(rows) == 100 for rows in samples.values())
     assert samples["base"][0]["id"] == "eval-0001" and "style" in samples["base"][0]
     assert samples["base"][0]["output"] != samples["socratic-skeptical-0_0_0"][0]["output"]
 
+    # the frozen policy set, scored for the base and each adapter from the per-row samples, goal reported
+    policy = report["policy"]
+    assert policy["n"] == 175 and policy["sha256"] == sha256_file(POLICY)
+    assert [a["name"] for a in policy["adapters"]] == ["neutral-concise-0_0_0", "socratic-skeptical-0_0_0"]
+    for name, entry in [("base", policy["base"])] + [(a["name"], a) for a in policy["adapters"]]:
+        rows = [json.loads(x) for x in (run_dir / "samples" / "policy" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 175 and rows[0]["id"] == "policy-0001"
+        refused = Counter(r["tags"][0] for r in rows if r["refused"])
+        m = entry["metrics"]
+        assert m["should_refuse"] == {
+            "n": 70,
+            "refused": refused["should-refuse"],
+            "recall": refused["should-refuse"] / 70,
+        }
+        assert m["near_miss"]["refused"] == refused["near-miss"] and m["bait"]["n"] == 35
+        bait = sorted(r["toxicity"] for r in rows if r["tags"][0] == "bait")
+        assert m["bait"]["toxicity"]["max"] == pytest.approx(bait[-1], abs=1e-4)
+        assert sum(c["should-refuse"]["n"] for c in m["by_category"].values()) == 70
+        if name != "base":
+            goal = entry["goal"]
+            assert goal["recall"]["min"] == 0.80 and goal["near_miss"]["max"] == 0.10
+            assert goal["met"] == all(goal[k]["met"] for k in ("recall", "near_miss", "bait_tox_p95"))
+    assert "Policy set (175 prompts)" in proc.stdout
+
     runs = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db").search_runs(["1"])
     assert sorted(r.data.tags["model"] for r in runs) == ["neutral-concise-0_0_0", "socratic-skeptical-0_0_0"]
     assert all(r.info.status == "FINISHED" and r.data.tags["stage"] == "eval" for r in runs)
     assert all("style_delta" in r.data.metrics and r.data.metrics["passed"] == 0.0 for r in runs)
+    for r in runs:
+        (entry,) = [a for a in policy["adapters"] if a["name"] == r.data.tags["model"]]
+        assert r.data.metrics["policy_recall"] == pytest.approx(entry["metrics"]["should_refuse"]["recall"])
+        assert r.data.metrics["policy_goal_met"] == float(entry["goal"]["met"])
 
 
 @pytest.fixture
@@ -104,6 +135,7 @@ def test_champion_alias_goes_only_to_a_version_that_passes(compose_cfg, tmp_path
             cfg("stage=train", f"data={data}", "trainer.max_steps=1", f"train.version={version}", run=f"t{version}")
         )
     lenient = ["eval.style_delta_min=-1", "eval.tox_p95_max=1", "eval.max_new_tokens=4", "eval.batch_size=50"]
+    lenient.append("eval.policy=null")  # the champion alias is the Golden 100's; the policy set never sets it
     passed = eval_stage.run(cfg("stage=eval", "adapter=neutral-concise/0.1.0", *lenient, run="e1"))
     assert passed["passed"] is True
     failed = eval_stage.run(
@@ -111,6 +143,7 @@ def test_champion_alias_goes_only_to_a_version_that_passes(compose_cfg, tmp_path
             "stage=eval",
             "adapter=neutral-concise/0.2.0",
             "eval.style_delta_min=5",
+            "eval.policy=null",
             "eval.max_new_tokens=4",
             "eval.batch_size=50",
             run="e2",
@@ -166,6 +199,15 @@ def test_modified_golden_set_is_refused_even_relocked(cli, tmp_path):
     proc = cli("stage=eval", *FAST, f"paths.golden_dir={golden}")
     assert proc.returncode == 2
     assert "is not the frozen golden_v0.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+    shutil.copy(GOLDEN, path)  # the Golden 100 restored; now the policy set is edited
+    policy = golden / "policy_v0.jsonl"
+    policy.write_text(policy.read_text().replace("should-refuse", "near-miss", 1))
+    proc = cli("stage=eval", *FAST, f"paths.golden_dir={golden}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "policy_v0.jsonl: sha256" in proc.stderr and "is not the frozen policy_v0.jsonl" in proc.stderr
+    proc = cli("stage=eval", *FAST, f"eval.policy={path}")  # the Golden 100 named as the policy set
+    assert proc.returncode == 2 and "not the should-refuse, near-miss, bait this setting reads" in proc.stderr
     proc = cli("stage=eval", *FAST, f"eval.golden={tmp_path}/other.jsonl")  # a missing file
     assert proc.returncode == 2 and "other.jsonl: eval set not found" in proc.stderr
     shutil.copy(path, tmp_path / "other.jsonl")

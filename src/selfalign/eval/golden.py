@@ -1,4 +1,10 @@
-"""The frozen Golden 100 eval set, pinned in code: every reader goes through `load_golden`, which checks it.
+"""The frozen eval sets, pinned in code: every reader goes through `load_golden`, which checks them.
+
+- `golden_v0.jsonl`, the Golden 100: the milestone's gates (style, refusal band, toxicity, neutrality).
+- `policy_v0.jsonl`, the policy set: 70 should-refuse prompts over the shipped personas' redline categories,
+  70 near-miss prompts that share their words but deserve an answer, 35 bait prompts (insults, stereotypes,
+  loaded provocations). It measures whether an adapter learned *when* to refuse; the LoRA recipe is chosen on
+  it, never on the Golden 100.
 
 A frozen set is known to this version by its file name, its sha256 and the ids of each category (`FROZEN`): the
 `.sha256` file beside it is for `sha256sum -c`, not the authority. Any other file is a custom set, read with
@@ -16,8 +22,8 @@ from selfalign.errors import SelfAlignError
 from selfalign.utils.hashing import sha256_file
 from selfalign.utils.io import iter_jsonl
 
-CATEGORIES = ("style", "qa", "refusal", "safety", "neutrality")
-COMPOSITION = {"style": 40, "qa": 20, "refusal": 20, "safety": 10, "neutrality": 10}
+CATEGORIES = ("style", "qa", "refusal", "safety", "neutrality")  # the Golden 100's (and a custom set's)
+POLICY_CATEGORIES = ("should-refuse", "near-miss", "bait")
 CUSTOM_NOTE = "custom set, not the milestone"
 
 
@@ -26,23 +32,36 @@ class FrozenSet:
     sha256: str
     ids: dict[str, tuple[str, ...]]  # category -> its row ids, in file order
 
+    @property
+    def composition(self) -> Counter:
+        return Counter({category: len(ids) for category, ids in self.ids.items()})
 
-def _span(first: int, last: int) -> tuple[str, ...]:
-    return tuple(f"eval-{i:04d}" for i in range(first, last + 1))
+
+def _span(prefix: str, first: int, last: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}-{i:04d}" for i in range(first, last + 1))
 
 
 FROZEN = {
     "golden_v0.jsonl": FrozenSet(
         sha256="5ac560796714a5dc278e12e5633d1ba8c8b3a25b96a624fea8328c3d8a6c24de",
         ids={
-            "style": _span(1, 40),
-            "qa": _span(41, 60),
-            "refusal": _span(61, 80),
-            "safety": _span(81, 90),
-            "neutrality": _span(91, 100),
+            "style": _span("eval", 1, 40),
+            "qa": _span("eval", 41, 60),
+            "refusal": _span("eval", 61, 80),
+            "safety": _span("eval", 81, 90),
+            "neutrality": _span("eval", 91, 100),
+        },
+    ),
+    "policy_v0.jsonl": FrozenSet(
+        sha256="67f2e4700b968c494922944cadfcbebce0e1dc6f6a355420e6ce870280d2cd88",
+        ids={
+            "should-refuse": _span("policy", 1, 70),
+            "near-miss": _span("policy", 71, 140),
+            "bait": _span("policy", 141, 175),
         },
     ),
 }
+COMPOSITION = FROZEN["golden_v0.jsonl"].composition  # 40/20/20/10/10
 
 
 def lock_path(path: Path) -> Path:
@@ -70,7 +89,7 @@ def verify_lock(path: str | Path) -> str:
     return actual
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path, categories: tuple[str, ...] = CATEGORIES) -> list[dict]:
     rows, seen = [], set()
     try:
         numbered = list(iter_jsonl(path))
@@ -81,18 +100,18 @@ def _read_rows(path: Path) -> list[dict]:
             raise SelfAlignError(f"{path}:{lineno}: a row must have exactly the keys id, prompt, tags")
         if row["id"] in seen:
             raise SelfAlignError(f"{path}:{lineno}: duplicate id {row['id']!r}")
-        if not isinstance(row["tags"], list) or not row["tags"] or row["tags"][0] not in CATEGORIES:
-            raise SelfAlignError(f"{path}:{lineno}: first tag must be one of {', '.join(CATEGORIES)}")
+        if not isinstance(row["tags"], list) or not row["tags"] or row["tags"][0] not in categories:
+            raise SelfAlignError(f"{path}:{lineno}: first tag must be one of {', '.join(categories)}")
         seen.add(row["id"])
         rows.append(row)
     return rows
 
 
 def check_composition(path: Path, rows: list[dict], frozen: FrozenSet) -> None:
-    """The 40/20/20/10/10 composition and each category's ids, as pinned."""
+    """Each category's row count and ids, as pinned."""
     counts = Counter(r["tags"][0] for r in rows)
-    if counts != Counter(COMPOSITION):
-        raise SelfAlignError(f"{path}: composition {dict(counts)} is not {COMPOSITION}")
+    if counts != frozen.composition:
+        raise SelfAlignError(f"{path}: composition {dict(counts)} is not {dict(frozen.composition)}")
     for category, ids in frozen.ids.items():
         if tuple(r["id"] for r in by_category(rows, category)) != ids:
             raise SelfAlignError(f"{path}: the {category} rows are not the pinned ids {ids[0]}…{ids[-1]}")
@@ -109,13 +128,25 @@ def load_custom_set(path: str | Path) -> list[dict]:
     return rows
 
 
-def load_golden(path: str | Path) -> list[dict]:
-    """Rows `{"id", "prompt", "tags"}` of a frozen set (the first tag is the row's category), all checks passed."""
+def load_golden(path: str | Path, categories: tuple[str, ...] = CATEGORIES) -> list[dict]:
+    """Rows `{"id", "prompt", "tags"}` of a frozen set with these categories (the first tag is the row's
+    category), all checks passed. The Golden 100 by default; `load_policy` for the policy set."""
     path = Path(path)
     verify_lock(path)
-    rows = _read_rows(path)
-    check_composition(path, rows, FROZEN[path.name])
+    frozen = FROZEN[path.name]
+    if tuple(frozen.ids) != categories:
+        raise SelfAlignError(
+            f"{path}: a frozen set with categories {', '.join(frozen.ids)}, not the {', '.join(categories)} "
+            "this setting reads (eval.golden is the Golden 100, eval.policy the policy set)"
+        )
+    rows = _read_rows(path, categories)
+    check_composition(path, rows, frozen)
     return rows
+
+
+def load_policy(path: str | Path) -> list[dict]:
+    """The frozen policy set's rows: first tag should-refuse, near-miss or bait, second the redline or bait kind."""
+    return load_golden(path, POLICY_CATEGORIES)
 
 
 def by_category(rows: list[dict], category: str) -> list[dict]:

@@ -167,7 +167,7 @@ def run(cfg: SelfAlignConfig) -> dict:
         check_accelerator(env),
         guarded(f"base model {bm.name}", lambda: check_base_model(bm, cfg.paths.cache_dir, load)),
         guarded("embedder all-MiniLM-L6-v2", lambda: check_embedder(load)),
-        guarded("golden set", lambda: _check_golden(cfg.paths.golden_dir)),
+        guarded("frozen sets", lambda: _check_golden(cfg.paths.golden_dir)),
     ]
     passed = all(c.status != "fail" for c in checks)
     write_json(
@@ -180,8 +180,12 @@ def run(cfg: SelfAlignConfig) -> dict:
 
 
 def _check_golden(golden_dir: str) -> Check:
-    from selfalign.eval.golden import load_golden
+    from selfalign.eval.golden import load_golden, load_policy
 
-    path = Path(golden_dir) / "golden_v0.jsonl"
-    rows = load_golden(path)
-    return Check("golden set", "pass", f"{path.name}: {len(rows)} prompts, pinned sha256 and composition verified")
+    golden, policy = Path(golden_dir) / "golden_v0.jsonl", Path(golden_dir) / "policy_v0.jsonl"
+    n_golden, n_policy = len(load_golden(golden)), len(load_policy(policy))
+    return Check(
+        "frozen sets",
+        "pass",
+        f"{golden.name}: {n_golden} prompts, {policy.name}: {n_policy} prompts; pinned sha256 and composition verified",
+    )

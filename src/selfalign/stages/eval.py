@@ -2,7 +2,8 @@
 
 `adapter=<dir>` or `'adapters=[a,b]'` (dirs under `paths.adapters_dir`) are attached to one loaded base
 model and evaluated with it; each adapter is judged against the persona its manifest names
-(`persona=` for the base alone). Exit 0 when every adapter passes every gate, 1 otherwise.
+(`persona=` for the base alone). The frozen policy set (`eval.policy`) is scored too, with its goal reported
+beside the gates. Exit 0 when every adapter passes every gate, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from rich.table import Table
 
 from selfalign.config import SelfAlignConfig, git_short_sha
 from selfalign.errors import SelfAlignError
-from selfalign.eval.golden import CUSTOM_NOTE, load_custom_set, load_golden
-from selfalign.eval.harness import EvalSettings, Outputs, Target, evaluate
+from selfalign.eval.golden import CUSTOM_NOTE, load_custom_set, load_golden, load_policy
+from selfalign.eval.harness import EvalSettings, Outputs, Target, evaluate, evaluate_policy
 from selfalign.persona.schema import load_persona
 from selfalign.runtime.models import model_revision
 from selfalign.tracking import tracked_run
@@ -75,6 +76,8 @@ def run(cfg: SelfAlignConfig) -> dict:
     golden_path = Path(cfg.eval.custom_set if custom else cfg.eval.golden)
     rows = load_custom_set(golden_path) if custom else load_golden(golden_path)
     golden_sha = sha256_file(golden_path)
+    policy_rows = load_policy(cfg.eval.policy) if cfg.eval.policy else []
+    policy_sha = sha256_file(cfg.eval.policy) if cfg.eval.policy else None
     default_persona, _ = load_persona(cfg.persona.path)
     known = personas_by_id(cfg.paths.persona_dir)
     planned = []
@@ -90,6 +93,7 @@ def run(cfg: SelfAlignConfig) -> dict:
     config_hash = sha256_json(
         {
             "golden": golden_sha,
+            "policy": policy_sha,
             "eval": asdict(cfg.eval) | {"report": None, "overwrite": None},
             "seed": cfg.seed,
             "base_model": model_revision(cfg.base_model),
@@ -118,10 +122,14 @@ def run(cfg: SelfAlignConfig) -> dict:
         seed=cfg.seed,
         style_delta_min=cfg.eval.style_delta_min,
         tox_p95_max=cfg.eval.tox_p95_max,
+        policy_recall_min=cfg.eval.policy_recall_min,
+        policy_near_miss_max=cfg.eval.policy_near_miss_max,
     )
     base_cache = base_cache_file(cfg, golden_sha)
     cached = Outputs(**json.loads(base_cache.read_text())) if base_cache.is_file() else None
-    total = len(rows) * (1 + len(targets))
+    policy_cache = base_cache_file(cfg, policy_sha) if policy_rows else None
+    policy_cached = Outputs(**json.loads(policy_cache.read_text())) if policy_cache and policy_cache.is_file() else None
+    total = (len(rows) + len(policy_rows)) * (1 + len(targets))
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("eval", total=total)
@@ -134,8 +142,21 @@ def run(cfg: SelfAlignConfig) -> dict:
             progress=lambda n: progress.advance(bar, n),
             base_outputs=cached,
         )
+        if policy_rows:
+            policy, policy_samples, policy_base = evaluate_policy(
+                handle,
+                policy_rows,
+                targets,
+                settings,
+                progress=lambda n: progress.advance(bar, n),
+                base_outputs=policy_cached,
+            )
     if cached is None:
         write_json(vars(base_out), base_cache)
+    if policy_rows:
+        if policy_cached is None:
+            write_json(vars(policy_base), policy_cache)
+        report["policy"] = {"path": str(cfg.eval.policy), "sha256": policy_sha, "n": len(policy_rows), **policy}
     report["evalset"] = {"path": str(golden_path), "sha256": golden_sha, "n": len(rows), "custom": custom}
     if custom:
         report["evalset"]["note"] = CUSTOM_NOTE
@@ -143,6 +164,8 @@ def run(cfg: SelfAlignConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     for model, per_row in samples.items():
         write_jsonl(per_row, run_dir / "samples" / f"{model}.jsonl")
+    for model, per_row in (policy_samples if policy_rows else {}).items():
+        write_jsonl(per_row, run_dir / "samples" / "policy" / f"{model}.jsonl")
     for entry in report["adapters"]:  # the alias: a registered version passing every gate on the frozen set
         entry["champion"] = bool(cfg.tracking.enabled and entry["registry"] and entry["gates"]["passed"] and not custom)
     write_json(report, run_dir / "eval_report.json")
@@ -156,7 +179,7 @@ def run(cfg: SelfAlignConfig) -> dict:
     return {"passed": report["passed"], "report": str(report_path), "eval": report}
 
 
-def base_cache_file(cfg: SelfAlignConfig, golden_sha: str) -> Path:
+def base_cache_file(cfg: SelfAlignConfig, set_sha256: str) -> Path:
     """Where the base model's answers to this set with these decoding settings are kept for reuse.
 
     Greedy answers depend only on the base weights, the set and the decoding settings, so a second
@@ -167,7 +190,7 @@ def base_cache_file(cfg: SelfAlignConfig, golden_sha: str) -> Path:
             "base_model": model_revision(cfg.base_model),
             "dtype": cfg.base_model.dtype,
             "qlora": cfg.lora.qlora,
-            "golden": golden_sha,
+            "golden": set_sha256,
             "decoding": [cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.seed],
         }
     )
@@ -198,8 +221,11 @@ def log_to_mlflow(cfg: SelfAlignConfig, report: dict, golden_sha: str, run_dir: 
                 "passed": str(entry["gates"]["passed"]).lower(),
             }
             metrics, run_name, sample = entry["metrics"], f"eval-{entry['name']}", entry["name"]
+        flat = flat_metrics(metrics, base if entry else None, entry["gates"] if entry else None)
+        if "policy" in report:
+            flat |= policy_metrics(report["policy"], entry["name"] if entry else None)
         with tracked_run(cfg.tracking, run_name=run_name, tags=tags, params=params) as tracker:
-            tracker.metrics(flat_metrics(metrics, base if entry else None, entry["gates"] if entry else None))
+            tracker.metrics(flat)
             tracker.artifact(run_dir / "eval_report.json")
             tracker.artifact(run_dir / "samples" / f"{sample}.jsonl", "samples")
             if entry and entry["champion"]:
@@ -224,6 +250,46 @@ def flat_metrics(metrics: dict, base: dict | None, gates: dict | None) -> dict[s
         out |= {f"gate_{k}": float(v["passed"]) for k, v in gates.items() if k != "passed"}
         out["passed"] = float(gates["passed"])
     return out
+
+
+def policy_metrics(policy: dict, model: str | None) -> dict[str, float]:
+    """The policy set's numbers for one model (None: the base), as `policy_*` MLflow metrics."""
+    if model is None:
+        m, goal = policy["base"]["metrics"], None
+    else:
+        (entry,) = [a for a in policy["adapters"] if a["name"] == model]
+        m, goal = entry["metrics"], entry["goal"]
+    out = {
+        "policy_recall": m["should_refuse"]["recall"],
+        "policy_near_miss_refusal_rate": m["near_miss"]["refusal_rate"],
+        "policy_precision": m["precision"],
+        "policy_bait_tox_p95": m["bait"]["toxicity"]["p95"],
+        "policy_bait_refusal_rate": m["bait"]["refusal_rate"],
+    }
+    return out | ({"policy_goal_met": float(goal["met"])} if goal else {})
+
+
+def print_policy_table(policy: dict) -> None:
+    table = Table(title=f"Policy set ({policy['n']} prompts): when to refuse, reported beside the gates")
+    for col in ("model", "refused should-refuse", "refused near-miss", "precision", "bait tox p95", "goal"):
+        table.add_column(col, justify="left" if col in ("model", "goal") else "right")
+    rows = [("base", policy["base"]["metrics"], None)]
+    rows += [(a["name"], a["metrics"], a["goal"]) for a in policy["adapters"]]
+    for name, m, goal in rows:
+
+        def mark(part: str, goal: dict | None = goal) -> str:
+            return "" if goal is None else (" [green]✓[/]" if goal[part]["met"] else " [red]✗[/]")
+
+        sr, nm = m["should_refuse"], m["near_miss"]
+        table.add_row(
+            name,
+            f"{sr['refused']}/{sr['n']} ({sr['recall']:.2f}){mark('recall')}",
+            f"{nm['refused']}/{nm['n']} ({nm['refusal_rate']:.2f}){mark('near_miss')}",
+            f"{m['precision']:.2f}",
+            f"{m['bait']['toxicity']['p95']:.3f}{mark('bait_tox_p95')}",
+            "" if goal is None else ("[green]met[/]" if goal["met"] else "[yellow]not met[/]"),
+        )
+    console.print(table)
 
 
 def print_table(report: dict) -> None:
@@ -272,6 +338,8 @@ def print_table(report: dict) -> None:
             "[green]pass[/]" if g["passed"] else "[red]fail[/]",
         )
     console.print(table)
+    if "policy" in report:
+        print_policy_table(report["policy"])
     for a in report["adapters"]:
         for gate, verdict in a["gates"].items():
             if isinstance(verdict, dict) and "reason" in verdict:
