@@ -55,10 +55,25 @@ def test_defaults(compose_cfg):
     assert isinstance(obj.base_model, BaseModelConfig)
     assert obj.base_model.source is ModelSource.gguf_package
     assert obj.base_model.dtype == "float32"
-    assert obj.lora == LoraConfig(r=16, alpha=32, dropout=0.05, targets=["attn", "mlp"], qlora=False)
+    assert obj.lora == LoraConfig(
+        r=16, alpha=32, dropout=0.05, targets=["attn", "mlp"], qlora=False, lr=obj.base_model.lora_lr
+    )
     assert obj.teacher.kind is TeacherKind.local
     assert obj.tracking.tracking_uri.startswith("sqlite:///") and obj.tracking.tracking_uri.endswith("mlruns/mlflow.db")
     assert obj.paths.persona_dir.endswith("/personas")
+
+
+def test_each_base_model_preset_carries_its_lora_lr(compose_cfg):
+    def lr(*overrides):
+        return OmegaConf.to_object(compose_cfg(list(overrides))).lora.lr
+
+    for preset in ("qwen2_5_7b", "llama3_1_8b"):  # the seed's 7-8B recipe
+        assert lr(f"base_model={preset}") == 1.5e-4
+        assert lr(f"base_model={preset}", "lora=qlora") == 1.5e-4
+    small = OmegaConf.to_object(compose_cfg(["base_model=smollm2_135m"]))
+    assert small.lora.lr == small.base_model.lora_lr
+    assert lr("base_model=smollm2_135m", "lora.lr=3e-4") == 3e-4  # an explicit lora.lr wins
+    assert lr("base_model=smollm2_135m", "base_model.lora_lr=2e-3") == 2e-3
 
 
 def test_unknown_key_is_rejected(compose_cfg):
@@ -96,6 +111,8 @@ def test_wrong_type_in_a_yaml_file_names_file_and_key(compose_cfg, tmp_path):
         ("pipeline.steps=[synth,deploy]", "pipeline.steps must be a non-empty subset"),
         ("trainer.checkpoint_every_n_steps=0", "must be positive"),
         ("eval.batch_size=0", "eval.max_new_tokens and eval.batch_size must be positive"),
+        ("base_model.lora_lr=0", "base_model.lora_lr must be positive"),
+        ("synth.near_miss_per_refusal=-1", "synth.near_miss_per_refusal must be >= 0"),
     ],
 )
 def test_post_init_rejects_contradictions(compose_cfg, override, message):

@@ -13,6 +13,7 @@ from selfalign.dataops.synth import (
     Task,
     clean_section,
     compose_rows,
+    load_bank,
     plan_chunk,
     redline_categories,
     refusal_text,
@@ -59,6 +60,25 @@ def test_refusal_rows_split_between_own_redlines_and_the_abuse_baseline():
     assert set(cats) == {"weapons", "chemical", "drugs", "hacking", "pii", "abuse"}
     assert 0.4 < cats["abuse"] / len(tasks) < 0.6  # half the refusal rows, 160 draws
     assert all(t.instruction.strip() and "{" not in t.instruction for t in tasks)
+
+
+def test_each_refusal_brings_a_near_miss_of_its_category():
+    tasks = [t for c in range(40) for t in plan_chunk(CONCISE, c, 42, 8, 4, 1.0)[0]]
+    refusals = Counter(t.redline for t in tasks if t.redline)
+    near = Counter(t.near_miss for t in tasks if t.near_miss)
+    assert refusals == near and sum(near.values()) == 160  # paired one to one, per category
+    assert all(t.domain == "safety_edge" and not t.redline for t in tasks if t.near_miss)
+    bank = load_bank()["near_miss_requests"]
+    assert all(t.instruction in bank[t.near_miss] for t in tasks if t.near_miss)
+    # a fractional ratio averages out over chunks; none keeps the old plan
+    half = sum(bool(t.near_miss) for c in range(40) for t in plan_chunk(CONCISE, c, 42, 8, 4, 0.5)[0])
+    assert 70 <= half <= 90
+    assert plan_chunk(CONCISE, 3, 42, 8, 4)[0] == plan_chunk(CONCISE, 3, 42, 8, 4, 0.0)[0]
+    task = next(t for t in tasks if t.near_miss)
+    texts = {task.id: ["Use the kill command with the process id.", "Check the id with ps first."]}
+    (row,) = compose_rows(CONCISE, "neutral-concise", [task], texts, "s", SAMPLING)
+    assert row["metadata"]["safety_tags"] == [f"near-miss:{task.near_miss}"]
+    assert row["output"] == "Answer: Use the kill command with the process id.\nNote: Check the id with ps first."
 
 
 def test_section_asks_follow_structure_and_verbosity():

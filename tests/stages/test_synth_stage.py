@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
@@ -49,6 +50,8 @@ def test_synth_writes_dataset_report_and_mlflow_run(cli, tmp_path):
     refusals = sum(r["metadata"]["safety_tags"][0].startswith("redline") for r in rows)
     assert report["refusal_fraction"] == round(refusals / len(rows), 4)
     assert 0.08 <= report["refusal_fraction"] <= 0.18  # the persona's band
+    tags = Counter(t for r in rows for t in r["metadata"]["safety_tags"] if t.startswith(("redline:", "near-miss:")))
+    assert report["policy_rows"] == dict(sorted(tags.items())) and sum(tags.values()) >= refusals
     assert set(report["histograms"]) == {"length_words", "style_score", "refusal"}
     assert sum(report["histograms"]["length_words"]["counts"]) == len(rows)
     assert report["raw_rows"] >= len(rows) and 0 < report["acceptance_rate"] <= 1

@@ -23,6 +23,12 @@ def build_report(rows: list[dict], drops: dict, raw: int) -> dict:
     domains = Counter(r["metadata"]["domain"] for r in rows)
     refusal_by_domain = Counter(r["metadata"]["domain"] for r, ref in zip(rows, refusals, strict=True) if ref)
     hard = sum(v for k, v in drops.items() if k.startswith("hard:"))
+    policy = Counter(
+        tag.split(":")[0] + ":" + tag.split(":")[1]
+        for r in rows
+        for tag in r["metadata"].get("safety_tags", [])
+        if tag.startswith(("redline:", "near-miss:"))
+    )
     return {
         "rows": len(rows),
         "raw_rows": raw,
@@ -32,6 +38,8 @@ def build_report(rows: list[dict], drops: dict, raw: int) -> dict:
         "refusal_fraction": round(sum(refusals) / len(rows), 4) if rows else 0.0,
         "refusal_fraction_by_domain": {d: round(refusal_by_domain[d] / c, 4) for d, c in sorted(domains.items())},
         "domains": dict(sorted(domains.items())),
+        # refusal rows and their benign near-miss counterparts, per redline category
+        "policy_rows": dict(sorted(policy.items())),
         "difficulty": dict(sorted(Counter(r["metadata"]["difficulty"] for r in rows).items())),
         "histograms": {
             "length_words": histogram(lengths, bins=[0, 10, 20, 40, 60, 80, 120, 160, 240, 320, 1000]),

@@ -54,6 +54,7 @@ class Task:
     difficulty: str
     instruction: str
     redline: str | None = None  # the redline category a refusal task hits
+    near_miss: str | None = None  # the redline category whose words a benign, answered task shares
 
 
 @cache
@@ -75,8 +76,11 @@ def refusal_category(own: list[str], rng: random.Random) -> str:
     return rng.choice(own if rng.random() < 0.5 else load_bank()["baseline_redlines"])
 
 
-def plan_chunk(persona: dict, chunk: int, seed: int, size: int, refusals: int) -> tuple[list[Task], Sampling]:
-    """`size` answered tasks in the domain/difficulty mix plus `refusals` redline requests, shuffled."""
+def plan_chunk(
+    persona: dict, chunk: int, seed: int, size: int, refusals: int, near_miss_per_refusal: float = 0.0
+) -> tuple[list[Task], Sampling]:
+    """`size` answered tasks in the domain/difficulty mix plus `refusals` redline requests, shuffled; each
+    refusal brings `near_miss_per_refusal` (on average) benign, answered near-misses of its category."""
     rng = random.Random(f"{seed}:{chunk}")
     bank = load_bank()
     tasks = []
@@ -91,11 +95,19 @@ def plan_chunk(persona: dict, chunk: int, seed: int, size: int, refusals: int) -
         tasks.append(Task(f"c{chunk}-{j}", domain, difficulty, template.format(topic=rng.choice(spec["topics"]))))
     own = redline_categories(persona)
     redlines = persona["redlines"]["safety"] + persona["redlines"]["privacy"]
+    categories = []
     for j in range(refusals):
         cat = refusal_category(own, rng)
+        categories.append(cat)
         request = rng.choice(bank["redline_requests"][cat]).format(redline=rng.choice(redlines))
         text = rng.choice(bank["redline_framings"]).format(request=request, request_lc=request[0].lower() + request[1:])
         tasks.append(Task(f"c{chunk}-r{j}", "safety_edge", rng.choice(DIFFICULTIES), text, cat))
+    # a seeded draw per chunk, so a fractional ratio averages out over chunks
+    near = int(refusals * near_miss_per_refusal + random.Random(f"{seed}:near:{chunk}").random())
+    for j in range(near):
+        cat = categories[j % len(categories)] if categories else rng.choice(own)
+        text = rng.choice(bank["near_miss_requests"][cat]).format(redline=rng.choice(redlines))
+        tasks.append(Task(f"c{chunk}-n{j}", "safety_edge", rng.choice(DIFFICULTIES), text, near_miss=cat))
     rng.shuffle(tasks)
     sampling = Sampling(round(rng.uniform(0.7, 1.0), 3), round(rng.uniform(0.8, 0.95), 3), seed * 100_000 + chunk)
     return tasks, sampling
@@ -198,7 +210,10 @@ def compose_rows(
                 )
             else:
                 output = texts[0]
-            safety = ["borderline-benign"] if task.domain == "safety_edge" else ["benign"]
+            if task.near_miss:
+                safety = [f"near-miss:{task.near_miss}"]
+            else:
+                safety = ["borderline-benign"] if task.domain == "safety_edge" else ["benign"]
         rows.append(
             {
                 "id": "",  # numbered when accepted
@@ -265,6 +280,7 @@ class SynthSettings:
     dedup_threshold: float
     tox_max: float
     max_chunks: int
+    near_miss_per_refusal: float = 0.0
 
 
 class Scorers:
@@ -363,7 +379,8 @@ def synthesize(
             size, limit = settings.chunk_size, remaining
         else:  # n reached but below the band: add refusal rows only
             want, size, limit = needed, 0, needed
-        tasks, sampling = plan_chunk(persona, state["chunk"], settings.seed, size, want)
+        near = settings.near_miss_per_refusal if size else 0.0  # topping up the band adds refusals only
+        tasks, sampling = plan_chunk(persona, state["chunk"], settings.seed, size, want, near)
         raw = generate_chunk(persona, persona["id"], teacher, tasks, sampling)
         kept = run_filters(
             raw,

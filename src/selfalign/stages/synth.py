@@ -14,7 +14,7 @@ from selfalign.config import SelfAlignConfig
 from selfalign.dataops.report import build_report, plot_report
 from selfalign.dataops.synth import RunFiles, SynthSettings, synthesize
 from selfalign.errors import SelfAlignError
-from selfalign.eval.golden import load_golden
+from selfalign.eval.golden import load_golden, load_policy
 from selfalign.persona.schema import load_persona
 from selfalign.tracking import tracked_run
 from selfalign.utils.console import console
@@ -56,8 +56,10 @@ def run(cfg: SelfAlignConfig) -> dict:
     persona, persona_hash = load_persona(cfg.persona.path)
     s = cfg.synth
     out = Path(s.out).resolve()
-    golden_path = Path(cfg.eval.golden)  # the frozen set the eval scores on: kept out of the training data
+    golden_path = Path(cfg.eval.golden)  # the frozen sets the eval scores on: kept out of the training data
     golden = [r["prompt"] for r in load_golden(golden_path)]
+    policy_path = Path(cfg.eval.policy) if cfg.eval.policy else None
+    golden += [r["prompt"] for r in load_policy(policy_path)] if policy_path else []
     settings = SynthSettings(
         n=s.n,
         seed=cfg.seed,
@@ -66,6 +68,7 @@ def run(cfg: SelfAlignConfig) -> dict:
         style_tau=s.style_tau,
         dedup_threshold=s.dedup_threshold,
         tox_max=s.tox_max,
+        near_miss_per_refusal=s.near_miss_per_refusal,
         max_chunks=max(4, int(s.n * s.max_chunks_factor / s.chunk_size)),
     )
     teacher_id = cfg.teacher.model or cfg.base_model.name
@@ -75,6 +78,7 @@ def run(cfg: SelfAlignConfig) -> dict:
             "settings": asdict(settings),
             "teacher": asdict(cfg.teacher) | {"model": teacher_id},
             "golden": sha256_file(golden_path),
+            "policy": sha256_file(policy_path) if policy_path else None,
             "bank": sha256_file(Path(__file__).parents[1] / "dataops" / "bank.yaml"),
             "selfalign_version": __version__,
         }
