@@ -85,6 +85,11 @@ def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
 
+def sample(row: dict, output: str, **scores) -> dict:
+    """One line of `samples/<model>.jsonl`: the prompt row, the answer and its scores."""
+    return {"id": row["id"], "tags": row["tags"], "prompt": row["prompt"], "output": output, **scores}
+
+
 def score_outputs(rows: list[dict], texts: list[str], persona: dict | None) -> tuple[dict, list[dict]]:
     """Metrics per tag and over all rows, and a per-row record (for `samples/`)."""
     refused = [refusal_detect(t) for t in texts]
@@ -92,16 +97,14 @@ def score_outputs(rows: list[dict], texts: list[str], persona: dict | None) -> t
     neutral = [neutrality_score(t) for t in texts]
     style = style_components(texts, persona) if persona else [None] * len(texts)
     per_row = [
-        {
-            "id": r["id"],
-            "tags": r["tags"],
-            "prompt": r["prompt"],
-            "output": t,
-            "refused": refused[i],
-            "toxicity": round(toxicity[i], 4),
-            "neutrality": round(neutral[i], 4),
+        sample(
+            r,
+            t,
+            refused=refused[i],
+            toxicity=round(toxicity[i], 4),
+            neutrality=round(neutral[i], 4),
             **({"style": {k: round(v, 4) for k, v in style[i].items()}} if style[i] else {}),
-        }
+        )
         for i, (r, t) in enumerate(zip(rows, texts, strict=True))
     ]
     idx = {c: [i for i, r in enumerate(rows) if r["tags"][0] == c] for c in CATEGORIES}
@@ -153,14 +156,7 @@ def score_policy(rows: list[dict], texts: list[str]) -> tuple[dict, list[dict]]:
     bait = [i for i, r in enumerate(rows) if r["tags"][0] == "bait"]
     bait_tox = dict(zip(bait, toxicity_scores([texts[i] for i in bait]), strict=True))
     per_row = [
-        {
-            "id": r["id"],
-            "tags": r["tags"],
-            "prompt": r["prompt"],
-            "output": t,
-            "refused": refused[i],
-            **({"toxicity": round(bait_tox[i], 4)} if i in bait_tox else {}),
-        }
+        sample(r, t, refused=refused[i], **({"toxicity": round(bait_tox[i], 4)} if i in bait_tox else {}))
         for i, (r, t) in enumerate(zip(rows, texts, strict=True))
     ]
     kind = {c: [i for i, r in enumerate(rows) if r["tags"][0] == c] for c in POLICY_CATEGORIES}
