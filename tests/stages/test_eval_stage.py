@@ -102,6 +102,9 @@ def test_two_adapters_against_one_base_with_gates_reports_and_samples(cli, tmp_p
         (entry,) = [a for a in policy["adapters"] if a["name"] == r.data.tags["model"]]
         assert r.data.metrics["policy_recall"] == pytest.approx(entry["metrics"]["should_refuse"]["recall"])
         assert r.data.metrics["policy_goal_met"] == float(entry["goal"]["met"])
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+        policy_samples = {x.path for x in client.list_artifacts(r.info.run_id, "samples/policy")}
+        assert policy_samples == {f"samples/policy/{entry['name']}.jsonl"}
 
 
 @pytest.fixture

@@ -228,6 +228,8 @@ def log_to_mlflow(cfg: SelfAlignConfig, report: dict, golden_sha: str, run_dir: 
             tracker.metrics(flat)
             tracker.artifact(run_dir / "eval_report.json")
             tracker.artifact(run_dir / "samples" / f"{sample}.jsonl", "samples")
+            if "policy" in report:
+                tracker.artifact(run_dir / "samples" / "policy" / f"{sample}.jsonl", "samples/policy")
             if entry and entry["champion"]:
                 tracker.set_alias(entry["registry"]["name"], cfg.eval.champion_alias, str(entry["registry"]["version"]))
 
