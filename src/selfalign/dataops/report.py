@@ -24,10 +24,7 @@ def build_report(rows: list[dict], drops: dict, raw: int) -> dict:
     refusal_by_domain = Counter(r["metadata"]["domain"] for r, ref in zip(rows, refusals, strict=True) if ref)
     hard = sum(v for k, v in drops.items() if k.startswith("hard:"))
     policy = Counter(
-        tag.split(":")[0] + ":" + tag.split(":")[1]
-        for r in rows
-        for tag in r["metadata"].get("safety_tags", [])
-        if tag.startswith(("redline:", "near-miss:"))
+        tag for r in rows for tag in r["metadata"].get("safety_tags", []) if tag.startswith(("redline:", "near-miss:"))
     )
     return {
         "rows": len(rows),
