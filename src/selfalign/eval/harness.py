@@ -81,6 +81,15 @@ def generate_outputs(handle, rows: list[dict], adapter: str | None, settings: Ev
     return Outputs(texts, seconds, tokens)
 
 
+def base_answers(handle, rows: list[dict], settings: EvalSettings, progress, cached: Outputs | None) -> Outputs:
+    """The base model's answers: `cached` from an earlier identical run (counted as done), or generated now."""
+    if cached is None:
+        return generate_outputs(handle, rows, None, settings, progress)
+    if progress:
+        progress(len(rows))
+    return cached
+
+
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
@@ -220,9 +229,7 @@ def evaluate_policy(
     base_outputs: Outputs | None = None,
 ) -> tuple[dict, dict[str, list[dict]], Outputs]:
     """Base and every target on the policy set: the report block, per-model samples, the base's answers."""
-    base_out = base_outputs or generate_outputs(handle, rows, None, settings, progress)
-    if base_outputs is not None and progress:
-        progress(len(rows))
+    base_out = base_answers(handle, rows, settings, progress, base_outputs)
     base_metrics, base_rows = score_policy(rows, base_out.texts)
     block = {"base": {"metrics": base_metrics, "outputs_cached": base_outputs is not None}, "adapters": []}
     samples = {"base": base_rows}
@@ -273,12 +280,7 @@ def evaluate(
 
     `base_outputs`: the base model's answers from an earlier identical run (same model, set, decoding).
     """
-    if base_outputs is None:
-        base_out = generate_outputs(handle, rows, None, settings, progress)
-    else:
-        base_out = base_outputs
-        if progress:
-            progress(len(rows))
+    base_out = base_answers(handle, rows, settings, progress, base_outputs)
     base_metrics, base_rows = score_outputs(rows, base_out.texts, base_persona)
     samples = {"base": base_rows}
     report = {

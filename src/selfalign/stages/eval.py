@@ -126,9 +126,9 @@ def run(cfg: SelfAlignConfig) -> dict:
         policy_near_miss_max=cfg.eval.policy_near_miss_max,
     )
     base_cache = base_cache_file(cfg, golden_sha)
-    cached = Outputs(**json.loads(base_cache.read_text())) if base_cache.is_file() else None
+    cached = read_cached(base_cache)
     policy_cache = base_cache_file(cfg, policy_sha) if policy_rows else None
-    policy_cached = Outputs(**json.loads(policy_cache.read_text())) if policy_cache and policy_cache.is_file() else None
+    policy_cached = read_cached(policy_cache) if policy_cache else None
     total = (len(rows) + len(policy_rows)) * (1 + len(targets))
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -177,6 +177,11 @@ def run(cfg: SelfAlignConfig) -> dict:
     EventLog(run_dir).event("eval_done", passed=report["passed"], report=str(report_path))
     console.print(f"[green]eval:[/] report {report_path}, samples {run_dir / 'samples'}")
     return {"passed": report["passed"], "report": str(report_path), "eval": report}
+
+
+def read_cached(path: Path) -> Outputs | None:
+    """The base model's answers kept at `path` (see `base_cache_file`), or None when there are none yet."""
+    return Outputs(**json.loads(path.read_text())) if path.is_file() else None
 
 
 def base_cache_file(cfg: SelfAlignConfig, set_sha256: str) -> Path:
