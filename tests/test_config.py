@@ -113,6 +113,9 @@ def test_wrong_type_in_a_yaml_file_names_file_and_key(compose_cfg, tmp_path):
         ("eval.batch_size=0", "eval.max_new_tokens and eval.batch_size must be positive"),
         ("base_model.lora_lr=0", "base_model.lora_lr must be positive"),
         ("synth.near_miss_per_refusal=-1", "synth.near_miss_per_refusal must be >= 0"),
+        ("serve.max_batch=0", "serve.max_batch must be >= 1"),
+        ("serve.max_queue=0", "serve.max_queue must be >= 1"),
+        ("serve.batch_wait_ms=-1", "serve.batch_wait_ms must be in 0..1000"),
     ],
 )
 def test_post_init_rejects_contradictions(compose_cfg, override, message):

@@ -291,7 +291,10 @@ class ServeConfig:
     adapters: list[str] = field(default_factory=list)  # preloaded at start, relative to paths.adapters_dir
     model_alias: str = "selfalign"  # `model=<alias>` routes to the active adapter (the base when none)
     max_new_tokens: int = 256  # when a request gives no max_tokens
-    max_tokens_limit: int = 1024  # a request asking for more gets a 400: no client holds the model for long
+    max_tokens_limit: int = 1024  # a request asking for more gets a 400: no client holds a batch slot for long
+    max_batch: int = 16  # rows decoded together, across the base and every resident adapter
+    max_queue: int = 64  # requests waiting for a slot; one more gets a 429 with Retry-After
+    batch_wait_ms: float = 5.0  # an idle server waits this long for batch-mates before its first step
     timeout_s: float = 30.0  # stage=swap's HTTP timeout
 
     def __post_init__(self) -> None:
@@ -302,6 +305,11 @@ class ServeConfig:
                 f"serve.max_new_tokens must be in 1..serve.max_tokens_limit ({self.max_new_tokens} vs "
                 f"{self.max_tokens_limit})"
             )
+        for name in ("max_batch", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serve.{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"serve.batch_wait_ms must be in 0..1000 (got {self.batch_wait_ms})")
 
 
 @dataclass

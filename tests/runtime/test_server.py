@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -241,3 +243,87 @@ def test_server_binds_loopback_by_default(setup):
         pytest.skip("ss is not available to inspect listening sockets")
     local_addresses = [line.split()[3] for line in out.stdout.splitlines()]
     assert local_addresses == [f"127.0.0.1:{server.port}"]
+
+
+def test_sixteen_clients_across_two_adapters_and_the_base_with_swaps_and_an_unload(setup):
+    """Batched answers equal the eval harness's greedy answers (its own batched path) for every model; swaps
+    mid-run change nothing for named models, and the unload only ever turns requests away (404 or 409), never
+    answers them from the wrong weights."""
+    from selfalign.eval.harness import EvalSettings, generate_outputs
+
+    server, root, _refs, _ = setup
+    handle = load_base("tiny_llama")
+    rows = [{"prompt": p} for p in PROMPTS]
+    settings = EvalSettings(max_new_tokens=MAX)
+    expected = {"tiny-llama": generate_outputs(handle, rows, None, settings).texts}
+    for name in ("alpha", "beta"):
+        apply_adapter(handle, f"{name}/0.0.0", root=root, activate=False)
+        expected[name] = generate_outputs(handle, rows, name, settings).texts
+    assert http("POST", f"{server.url}/v1/adapters", {"path": "beta/0.0.0"})[0] == 200
+    unloaded = threading.Event()
+
+    def client(c: int) -> list[tuple[str, int, int, str]]:
+        out = []
+        for r in range(3):
+            model, i = ("alpha", "beta", "tiny-llama")[(c + r) % 3], (c + r) % len(PROMPTS)
+            after_unload = unloaded.is_set()
+            status, body = http(
+                "POST",
+                f"{server.url}/v1/chat/completions",
+                {"model": model, "messages": [{"role": "user", "content": PROMPTS[i]}], "max_tokens": MAX},
+            )
+            text = body["choices"][0]["message"]["content"] if status == 200 else body["error"]["code"]
+            out.append((model, i, status, text, after_unload))
+        return out
+
+    def admin():
+        for target in ("beta", "alpha", None, "alpha"):
+            time.sleep(0.05)
+            assert http("POST", f"{server.url}/v1/adapters/swap", {"name": target})[0] == 200
+        unloaded.set()
+        assert http("DELETE", f"{server.url}/v1/adapters/beta")[0] == 200
+
+    with ThreadPoolExecutor(max_workers=17) as pool:
+        futures = [pool.submit(client, c) for c in range(16)]
+        admin_done = pool.submit(admin)
+        results = [x for f in futures for x in f.result()]
+        admin_done.result()
+    wrong = [(m, i, text) for m, i, status, text, _ in results if status == 200 and text != expected[m][i]]
+    assert wrong == []
+    refused = [(m, status, text, after) for m, _, status, text, after in results if status != 200]
+    # only beta's requests are turned away: 409 while queued or draining, 404 once it is gone
+    assert all(m == "beta" and (status == 409 or (status == 404 and after)) for m, status, _, after in refused), refused
+    assert sum(status == 200 for _, _, status, _, _ in results) >= 40  # nearly all of the 48 were answered
+    health = http("GET", f"{server.url}/health")[1]
+    assert health["adapters"] == ["alpha"] and health["queue"]["waiting"] == 0 and health["queue"]["max_batch"] == 16
+
+
+def test_a_full_queue_answers_429_with_retry_after(setup):
+    import json
+    import urllib.error
+    import urllib.request
+
+    _, root, _, tmp = setup
+    server = Server(root, tmp, "serve.max_batch=1", "serve.max_queue=1")
+    try:
+        body = json.dumps({"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 300})
+
+        def post():
+            req = urllib.request.Request(
+                f"{server.url}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    return r.status, None
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers.get("Retry-After")
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            futures = [pool.submit(post) for _ in range(6)]
+            time.sleep(1.0)
+            health = http("GET", f"{server.url}/health")[1]["queue"]
+            outcomes = [f.result() for f in futures]
+        assert health["running"] == 1 and health["waiting"] == 1  # one decoding, one waiting, the rest refused
+        assert sorted(outcomes) == [(200, None), (200, None), *[(429, "1")] * 4]
+    finally:
+        server.stop()

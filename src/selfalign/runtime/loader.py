@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from selfalign.runtime.models import drop_cache, local_weights_dir
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 BASE_ALIASES = (BASE, "base", "none", "null")  # what users may write for "no adapter"
+_ATTACH_IDS = itertools.count(1)  # one id per attach, so a reloaded name is told apart from its predecessor
 
 # LoRA target groups (`lora.targets`) mapped to each architecture's module names.
 _SEPARATE_PROJECTIONS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
@@ -57,6 +59,7 @@ class BaseModelHandle:
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> dir it was loaded from
     manifests: dict[str, dict] = field(default_factory=dict)
     active: str | None = None  # the adapter calls use when they name none; None = the base
+    attach_ids: dict[str, int] = field(default_factory=dict)  # name -> id of the attach that put it there
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -182,8 +185,8 @@ def apply_adapter(
             if handle.adapters[name] != path:
                 raise SelfAlignError(f"an adapter named {name!r} is already loaded from {handle.adapters[name]}")
         else:
-            _attach(handle, path, name)
-        handle.model.eval()
+            _attach(handle, path, name)  # PEFT's load_adapter leaves the model in eval mode
+            handle.attach_ids[name] = next(_ATTACH_IDS)
         handle.adapters[name] = path
         handle.manifests[name] = manifest
         if activate:
@@ -256,6 +259,7 @@ def unload_adapter(handle: BaseModelHandle, name: str) -> None:
             handle.model.delete_adapter(name)
         del handle.adapters[name]
         del handle.manifests[name]
+        handle.attach_ids.pop(name, None)
         if handle.active == name:
             handle.active = None
 

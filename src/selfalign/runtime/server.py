@@ -4,17 +4,21 @@
 - `POST /v1/chat/completions`: `model=<adapter name | base name | alias>`, streaming or not.
 - `GET/POST /v1/adapters`, `POST /v1/adapters/swap`, `DELETE /v1/adapters/{name}`: manage adapters
   at runtime, loaded only from inside the adapter root.
+- `GET /health`: the base, the resident adapters and the queue.
 
-A request's adapter is fixed when it arrives, so a swap never changes a request already in flight.
-Errors are JSON `{"error": {"message", "type", "code"}}` with a 4xx status; the server keeps serving.
+Chat requests are batched across adapters (`runtime/batching.py`): concurrent requests for the base and for
+any resident adapters decode together, each row on its own adapter and with its own settings. A request's
+adapter is fixed when it arrives, so a swap never changes a request already in flight; unloading an adapter
+waits for the rows decoding on it. A full queue answers 429 with Retry-After. Errors are JSON
+`{"error": {"message", "type", "code"}}` with a 4xx/5xx status; the server keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,14 +32,9 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfalign.errors import SelfAlignError
-from selfalign.runtime.loader import (
-    BaseModelHandle,
-    apply_adapter,
-    generate,
-    names_base,
-    set_active,
-    unload_adapter,
-)
+from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected
+from selfalign.runtime.chat import render_prompt
+from selfalign.runtime.loader import BaseModelHandle, apply_adapter, names_base, set_active
 
 
 class ContentPart(BaseModel):
@@ -83,19 +82,17 @@ class AdapterSwap(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, code: str, kind: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
+        self.status, self.message, self.code, self.headers = status, message, code, headers
+        self.kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
 
 
-def _error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
-
-
-def _apply_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
-    stops = [stop] if isinstance(stop, str) else stop or []
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+def _error(
+    status: int, message: str, code: str, kind: str = "invalid_request_error", headers: dict | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(
@@ -106,8 +103,22 @@ def create_app(
     alias: str = "selfalign",
     default_max_tokens: int = 256,
     max_tokens_limit: int = 1024,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    batch_wait_ms: float = 5.0,
 ) -> FastAPI:
-    app = FastAPI(title="SelfAlign", version="1")
+    batcher = Batcher(handle, max_batch=max_batch, max_queue=max_queue, wait_ms=batch_wait_ms)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(batcher.close)
+
+    app = FastAPI(title="SelfAlign", version="1", lifespan=lifespan)
+    app.state.batcher = batcher
     root = Path(adapters_root)
     admin = asyncio.Lock()  # one adapter-management call at a time
 
@@ -124,7 +135,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(_, exc: ApiError):
-        return _error(exc.status, exc.message, exc.code, exc.kind)
+        return _error(exc.status, exc.message, exc.code, exc.kind, exc.headers)
 
     @app.exception_handler(SelfAlignError)
     async def _user_error(_, exc: SelfAlignError):
@@ -147,15 +158,14 @@ def create_app(
     async def _http(_, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
 
-    def route(model: str) -> str | None:
-        """The adapter a request uses, fixed now: None is the base model."""
+    def route(model: str) -> tuple[str | None, int | None]:
+        """The adapter a request uses (None: the base model) and its attach id, both fixed now."""
         with handle.lock:
-            if model == alias:
-                return handle.active
-            if model == handle.name:
-                return None
-            if model in handle.adapters:
-                return model
+            name = handle.active if model == alias else None if model == handle.name else model
+            if name is None:
+                return None, None
+            if name in handle.adapters:
+                return name, handle.attach_ids[name]
             known = [handle.name, alias, *handle.adapters]
         raise ApiError(404, f"model {model!r} not found; available: {', '.join(known)}", "model_not_found")
 
@@ -174,7 +184,15 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "base_model": handle.name, "active": handle.active}
+        with handle.lock:
+            adapters = list(handle.adapters)
+        return {
+            "status": "ok",
+            "base_model": handle.name,
+            "active": handle.active,
+            "adapters": adapters,
+            "queue": batcher.stats(),
+        }
 
     @app.get("/v1/models", dependencies=guard)
     async def models():
@@ -185,110 +203,111 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat(req: ChatRequest, request: Request):
-        adapter = route(req.model)
+        adapter, attach_id = route(req.model)
         max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
-        if max_new > max_tokens_limit:  # one request must not hold the model for every other client
+        if max_new > max_tokens_limit:  # one request must not hold a batch slot for long
             raise ApiError(
                 400,
                 f"max_tokens={max_new} is above this server's limit of {max_tokens_limit} (serve.max_tokens_limit)",
                 "max_tokens_too_large",
             )
         messages = [m.model_dump() for m in req.messages]
-        options = dict(
+        ids = handle.tokenizer(render_prompt(handle.tokenizer, messages), add_special_tokens=False)["input_ids"]
+        if len(ids) + max_new > handle.context_window:
+            raise ApiError(
+                400,
+                f"prompt is {len(ids)} tokens; with max_new_tokens={max_new} it exceeds the "
+                f"{handle.context_window}-token context window of {handle.name} (shorten it or lower max_tokens)",
+                "context_length_exceeded",
+            )
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(
+            ids=ids,
+            adapter=adapter,
+            attach_id=attach_id,
             max_new_tokens=max_new,
+            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             temperature=req.temperature,
             top_p=req.top_p,
             seed=req.seed,
-            adapter=adapter or "base",
+            stop=[req.stop] if isinstance(req.stop, str) else [s for s in req.stop or [] if s],
+            stream=req.stream,
         )
+        try:
+            batcher.submit(job)
+        except QueueFull as exc:
+            busy = f"server busy: {exc}; retry shortly"
+            raise ApiError(429, busy, "queue_full", headers={"Retry-After": "1"}) from None
+        except Rejected as exc:
+            raise ApiError(exc.status, exc.message, exc.code) from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         headers = {"x-selfalign-adapter": adapter or "base"}
         if req.stream:
             return StreamingResponse(
-                stream(messages, options, req, rid, created, request),
-                media_type="text/event-stream",
-                headers=headers,
+                stream(job, events, req.model, rid, created, request), media_type="text/event-stream", headers=headers
             )
-        result = await run_in_threadpool(generate, handle, [messages], **options)
-        text, stopped = _apply_stop(result.texts[0], req.stop)
-        finish = "length" if result.completion_tokens[0] >= max_new and not stopped else "stop"
-        usage = {
-            "prompt_tokens": result.prompt_tokens[0],
-            "completion_tokens": result.completion_tokens[0],
-            "total_tokens": result.prompt_tokens[0] + result.completion_tokens[0],
-        }
+        async with watching(request, job):
+            while (event := await events.get()).kind == "delta":
+                pass
+        if event.kind == "error":
+            raise ApiError(event.status, event.text, event.code)
         body = {
             "id": rid,
             "object": "chat.completion",
             "created": created,
             "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": usage,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": event.text}, "finish_reason": event.finish}
+            ],
+            "usage": {
+                "prompt_tokens": event.prompt_tokens,
+                "completion_tokens": event.completion_tokens,
+                "total_tokens": event.prompt_tokens + event.completion_tokens,
+            },
         }
         return JSONResponse(body, headers=headers)
 
-    async def stream(messages, options, req: ChatRequest, rid: str, created: int, request: Request):
-        """SSE chunks. While the model generates, a watcher waits on the connection (as Starlette's own disconnect
-        listener does): when the client goes away it sets `cancel`, and the generation stops after the token step
-        in progress, freeing the model for the next request. Chunks alone are no signal: the streamer holds text
-        back until a word ends, and a write to a closed socket is not always an error."""
-        from transformers import TextIteratorStreamer
+    @contextlib.asynccontextmanager
+    async def watching(request: Request, job: Job):
+        """While the body runs, a watcher waits on the connection (as Starlette's own disconnect listener does):
+        a client that goes away cancels its row, which frees its batch slot at the next decode step. Chunks alone
+        are no signal: a write to a closed socket is not always an error."""
 
-        streamer = TextIteratorStreamer(handle.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        outcome: dict = {}
-        cancel = threading.Event()
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel.set()
 
-        def work():
-            try:
-                outcome["result"] = generate(handle, [messages], streamer=streamer, cancel=cancel, **options)
-            except Exception as exc:  # surfaced to the client as an error event
-                outcome["error"] = str(exc)
-                streamer.end()
+        watcher = asyncio.create_task(watch())
+        try:
+            yield
+        finally:
+            job.cancel.set()  # a no-op for a finished row; otherwise (client gone, task cancelled) it frees the slot
+            watcher.cancel()
+
+    async def stream(job: Job, events: asyncio.Queue, model: str, rid: str, created: int, request: Request):
+        """SSE chunks: the role, the text as the batch decodes it, then the finish reason (or an error event)."""
 
         def chunk(delta: dict, finish: str | None = None) -> str:
             body = {
                 "id": rid,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": req.model,
+                "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
             return f"data: {json.dumps(body)}\n\n"
 
-        async def watch():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            cancel.set()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        watcher = asyncio.create_task(watch())
-        try:
+        async with watching(request, job):
             yield chunk({"role": "assistant", "content": ""})
-            sent, stopped = "", False
-            pieces = iter(streamer)
-            while (piece := await run_in_threadpool(next, pieces, None)) is not None:
-                if cancel.is_set():
-                    break
-                if stopped:
-                    continue
-                text, stopped = _apply_stop(sent + piece, req.stop)
-                if len(text) > len(sent):
-                    yield chunk({"content": text[len(sent) :]})
-                    sent = text
-        finally:
-            cancel.set()  # a no-op after a normal end; after a disconnect (or a cancelled task) it stops generation
-            watcher.cancel()
-        await run_in_threadpool(thread.join)
-        if await request.is_disconnected():
-            return
-        if "error" in outcome:
-            yield f"data: {json.dumps({'error': {'message': outcome['error'], 'type': 'server_error'}})}\n\n"
-        else:
-            result = outcome["result"]
-            limit = options["max_new_tokens"]
-            yield chunk({}, "length" if result.completion_tokens[0] >= limit and not stopped else "stop")
-        yield "data: [DONE]\n\n"
+            while (event := await events.get()).kind == "delta":
+                yield chunk({"content": event.text})
+            if event.kind == "error":
+                error = {"message": event.text, "type": "server_error", "code": event.code}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+            else:
+                yield chunk({}, event.finish)
+            yield "data: [DONE]\n\n"
 
     @app.get("/v1/adapters", dependencies=guard)
     async def list_adapters():
@@ -322,10 +341,14 @@ def create_app(
 
     @app.delete("/v1/adapters/{name}", dependencies=guard)
     async def unload(name: str):
+        """Waits for the rows decoding on `name`; its queued requests fail with 409."""
         async with admin:
             if name not in handle.adapters:
                 raise ApiError(404, f"adapter {name!r} is not loaded", "adapter_not_found")
-            await run_in_threadpool(unload_adapter, handle, name)
+            try:
+                await run_in_threadpool(batcher.unload, name)
+            except Rejected as exc:
+                raise ApiError(exc.status, exc.message, exc.code) from None
             return {"unloaded": name, "active": handle.active}
 
     return app

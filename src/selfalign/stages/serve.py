@@ -84,6 +84,9 @@ def run(cfg: SelfAlignConfig) -> dict:
         alias=cfg.serve.model_alias,
         default_max_tokens=cfg.serve.max_new_tokens,
         max_tokens_limit=cfg.serve.max_tokens_limit,
+        max_batch=cfg.serve.max_batch,
+        max_queue=cfg.serve.max_queue,
+        batch_wait_ms=cfg.serve.batch_wait_ms,
     )
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     events = EventLog(cfg.paths.run_dir)

@@ -1,0 +1,192 @@
+"""Benchmark the batching server against one-request-at-a-time serving, with the real `openai` client over 127.0.0.1.
+
+Prints one JSON object on stdout; progress goes to stderr. For each server it starts `stage=serve` in a subprocess
+with two random LoRA adapters resident, then for 1, 4, 8 and 16 concurrent clients has every client send
+`--requests` chat requests in a row (`max_tokens=--tokens`, greedy), half the clients on each adapter. It reports
+requests/s, completion tokens/s, and p50/p95 latency per level.
+
+The baseline, in the same run, is one request at a time: this server with `serve.max_batch=1`, or, with
+`--baseline-src DIR`, the `src/` of another checkout (for example the commit before batching) served the same way.
+
+    python scripts/bench_serve.py [--model smollm2_135m] [--clients 1 4 8 16] [--requests 2] [--tokens 64]
+        [--baseline-src /path/to/old/checkout/src]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+PROMPTS = [
+    "Give me one tip for staying focused while working.",
+    "Explain why the sky is blue in two sentences.",
+    "What should I pack for a weekend hike?",
+    "Summarise the pros and cons of remote work.",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[bench_serve] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, root: Path, tmp: Path, src: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "selfalign",
+        "stage=serve",
+        f"base_model={model}",
+        f"serve.port={port}",
+        f"paths.adapters_dir={root}",
+        f"paths.output_dir={tmp}/outputs",
+        "serve.adapters=[A,B]",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not come up")
+
+
+def pct(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return round(float(np.percentile(values, q)), 3)
+
+
+def level(url: str, clients: int, requests: int, tokens: int) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def one_client(c: int) -> list[tuple[float, int]]:
+        out = []
+        for r in range(requests):
+            start = time.perf_counter()
+            reply = client.chat.completions.create(
+                model="A" if c % 2 == 0 else "B",
+                messages=[{"role": "user", "content": PROMPTS[(c + r) % len(PROMPTS)]}],
+                max_tokens=tokens,
+                temperature=0,
+            )
+            out.append((time.perf_counter() - start, reply.usage.completion_tokens))
+        return out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        results = [x for xs in pool.map(one_client, range(clients)) for x in xs]
+    wall = time.perf_counter() - start
+    latencies = [r[0] for r in results]
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "seconds": round(wall, 2),
+        "requests_per_s": round(len(results) / wall, 3),
+        "tokens_per_s": round(sum(r[1] for r in results) / wall, 1),
+        "p50_latency_s": pct(latencies, 50),
+        "p95_latency_s": pct(latencies, 95),
+    }
+
+
+def bench(name: str, model: str, root: Path, tmp: Path, src: Path, args, *extra: str) -> list[dict]:
+    proc, url = start_server(model, root, tmp, src, *extra)
+    try:
+        level(url, 1, 1, 8)  # warm-up: first-call allocations
+        rows = []
+        for clients in args.clients:
+            row = level(url, clients, args.requests, args.tokens)
+            log(f"{name}: {row}")
+            rows.append(row)
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--requests", type=int, default=2, help="requests per client, sent one after another")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--baseline-src", type=Path, default=None, help="serve the baseline from this src/ instead")
+    args = parser.parse_args()
+
+    from selfalign.runtime.adapters import write_random_adapter
+    from selfalign.runtime.loader import load_base
+
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp_name:
+        tmp = Path(tmp_name)
+        root = tmp / "adapters"
+        handle = load_base(args.model)
+        write_random_adapter(handle, root / "A", "A", seed=1)
+        write_random_adapter(handle, root / "B", "B", seed=2)
+        del handle
+        src = ROOT / "src"
+        if args.baseline_src:
+            baseline_name = f"one at a time ({args.baseline_src})"
+            baseline = bench("baseline", args.model, root, tmp, args.baseline_src.resolve(), args)
+        else:
+            baseline_name = "one at a time (serve.max_batch=1)"
+            baseline = bench("baseline", args.model, root, tmp, src, args, "serve.max_batch=1")
+        batched = bench("batched", args.model, root, tmp, src, args)
+    speedup = {
+        str(b["clients"]): round(b["requests_per_s"] / a["requests_per_s"], 2)
+        for a, b in zip(baseline, batched, strict=True)
+    }
+    at8 = speedup.get("8")
+    p95_1 = (baseline[0]["p95_latency_s"], batched[0]["p95_latency_s"]) if args.clients[0] == 1 else None
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "tokens_per_request": args.tokens,
+                "requests_per_client": args.requests,
+                "baseline": {"server": baseline_name, "levels": baseline},
+                "batched": {"server": "serve.max_batch=16 (default)", "levels": batched},
+                "requests_per_s_speedup": speedup,
+                "goal_4x_at_8_clients": None if at8 is None else at8 >= 4.0,
+                "p95_latency_1_client_s": None if p95_1 is None else {"baseline": p95_1[0], "batched": p95_1[1]},
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

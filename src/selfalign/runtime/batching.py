@@ -1,0 +1,467 @@
+"""Continuous batching for the server: waiting chat requests, for the base and any resident adapters, decode together.
+
+One worker thread owns generation. Each iteration it
+1. admits waiting requests into free batch slots (up to `max_batch` rows; when the batch is empty it first waits
+   `wait_ms` for batch-mates) and prefills them together, left-padded;
+2. runs one decode step for every running row in a single forward pass, each row on its own adapter (PEFT's
+   `adapter_names`, the mixed-batch LoRA forward);
+3. picks each row's next token with that row's own settings (greedy, or temperature/top-p with a generator seeded
+   from the request), streams the new text, and retires rows that hit end-of-sequence, `max_tokens`, a stop
+   string, or whose client went away; their slots are free at the next iteration.
+
+Rows on different adapters share the forward pass through `RowLoRA`: with PEFT's own per-layer logic switched off
+for the step, each LoRA layer adds `lora_B(lora_A(x)) * scaling` for the rows of each adapter, from row indices
+computed once per step. PEFT's `adapter_names` path does the same arithmetic but re-registers a hook on every LoRA
+layer and re-derives the row groups in Python in every layer, every step: 37% of a decode step at 8 rows
+(DECISIONS.md). Adapters with a LoRA variant (DoRA, aLoRA) keep PEFT's path.
+
+The key/value cache of the running batch is one left-padded `DynamicCache`: newcomers are merged in by padding the
+shorter side on the left, and retired rows are cut out (and the all-padding columns dropped). Each row keeps its
+own position ids, so a row's tokens never depend on its batch-mates beyond floating-point rounding; tests check
+greedy answers token for token against one-at-a-time generation.
+
+Adapter safety: a request names its adapter and that adapter's attach id when it arrives. Adapter management
+(`handle.lock`) happens between decode steps, never inside one. A request whose adapter was unloaded or replaced
+before it started fails with 409; `unload` waits for the rows already decoding on that adapter and fails the
+queued ones with 409. The queue is bounded: `submit` raises `QueueFull` (the server's 429).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from selfalign.runtime.loader import BASE, BaseModelHandle, unload_adapter
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The wait queue is at `max_queue`: the client should retry later."""
+
+
+class Rejected(Exception):
+    """A request the scheduler will not run; `status` and `code` for the HTTP error."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Event:
+    kind: str  # "delta" (text), "done" (finish, usage), "error" (status, code, message)
+    text: str = ""
+    finish: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: int = 0
+    code: str = ""
+
+
+@dataclass(eq=False)
+class Job:
+    """One chat completion: prompt ids, its adapter (None: the base) fixed on arrival, and its own settings."""
+
+    ids: list[int]
+    adapter: str | None
+    attach_id: int | None  # the adapter's attach id on arrival; a different one later means it was replaced
+    max_new_tokens: int
+    emit: Callable[[Event], None]  # called from the worker thread; must be thread-safe and quick
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # worker state
+    out: list[int] = field(default_factory=list)
+    sent: str = ""
+    generator: Any = None
+
+
+def split_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` cut before the first stop string it contains, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _safe_prefix(text: str, stops: list[str]) -> str:
+    """What can be streamed now: no trailing whitespace (the final text is stripped, and the tokenizer's clean-up
+    may fold a space into the next piece), no half-decoded character, and no tail that may begin a stop string."""
+    text = text.rstrip()
+    if text.endswith("\ufffd"):
+        text = text.rstrip("\ufffd").rstrip()
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold].rstrip()
+
+
+class RowLoRA:
+    """Per-row adapters in one forward pass: a forward hook on each LoRA layer adds its rows' deltas.
+
+    `sync` (under `handle.lock`, at every step) rebuilds the hooks when the resident adapters change: each LoRA layer
+    gets its adapters' matrices side by side, `A` stacked over the ranks and `B` next to each other. Inside
+    `rows(...)`, PEFT's own LoRA computation is switched off (`_disable_adapters`) and each hook adds
+    `B_all((A_all x) * gate)`, where `gate` holds, per row, the adapter's `scaling` on that adapter's rank block and 0
+    elsewhere (all 0 for a base row): four tensor ops per layer whatever the mix of adapters, where PEFT's
+    `adapter_names` path runs seven per adapter per layer plus Python row grouping and hook registration. Outside
+    `rows(...)` the hooks do nothing and the model behaves exactly as PEFT made it.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.layers: list = []
+        self.hooks: list = []
+        self.gates: dict | None = None  # per adapter layout: (rows, 1, ranks) during a step
+        self.usable = False
+
+    def sync(self, handle: BaseModelHandle) -> None:
+        key = (id(handle.model), tuple(sorted(handle.attach_ids.items())))
+        if key == self.key:
+            return
+        for hook in self.hooks:
+            hook.remove()
+        self.layers, self.hooks, self.key, self.usable = [], [], key, False
+        if not handle.adapters:
+            return
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in handle.model.modules() if isinstance(m, LoraLayer)]
+        if any(getattr(m, "lora_variant", None) or getattr(m, "merged", False) for m in layers):
+            return  # DoRA and friends, or merged weights: PEFT's own path
+        for m in layers:
+            names = tuple(n for n in m.lora_A if n in handle.adapters)
+            if not names:
+                continue
+            a_all = torch.cat([m.lora_A[n].weight for n in names], dim=0)
+            b_all = torch.cat([m.lora_B[n].weight for n in names], dim=1)
+            layout = tuple((n, m.lora_A[n].weight.shape[0], float(m.scaling[n])) for n in names)
+            self.layers.append(m)
+            self.hooks.append(m.register_forward_hook(partial(self._add_rows, a_all, b_all, layout)))
+        self.usable = True
+
+    @contextlib.contextmanager
+    def rows(self, adapters: list[str | None]):
+        """Route row i through `adapters[i]` (None: the base) for the forward passes inside."""
+        self.adapters, self.gates = adapters, {}
+        for m in self.layers:
+            m._disable_adapters = True
+        try:
+            yield
+        finally:
+            for m in self.layers:
+                m._disable_adapters = False
+            self.gates = None
+
+    def _gate(self, layout: tuple, like):
+        """(rows, 1, ranks): each row's adapter scaling on its own rank block, built once per step and layout."""
+        import torch
+
+        gate = self.gates.get(layout)
+        if gate is None:
+            values = []
+            for adapter in self.adapters:
+                values.append([s if n == adapter else 0.0 for n, rank, s in layout for _ in range(rank)])
+            gate = self.gates[layout] = torch.tensor(values, dtype=like.dtype, device=like.device)[:, None, :]
+        return gate
+
+    def _add_rows(self, a_all, b_all, layout, _module, args, output):
+        if self.gates is None:
+            return None
+        import torch.nn.functional as F
+
+        x = args[0].to(a_all.dtype)
+        hidden = F.linear(x, a_all) * self._gate(layout, a_all)
+        return output + F.linear(hidden, b_all).to(output.dtype)
+
+
+class Batcher:
+    """The scheduler and decode loop behind `stage=serve`; `start()` launches its worker thread."""
+
+    def __init__(self, handle: BaseModelHandle, *, max_batch: int = 16, max_queue: int = 64, wait_ms: float = 5.0):
+        self.handle = handle
+        self.max_batch, self.max_queue, self.wait_s = max_batch, max_queue, wait_ms / 1000.0
+        self.cv = threading.Condition()
+        self.waiting: deque[Job] = deque()
+        self.running: list[Job] = []  # rows in the decode state, in its row order
+        self.pending: list[Job] = []  # taken from the queue, being prefilled
+        self.draining: set[str] = set()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="selfalign-batcher", daemon=True)
+        # decode state of the running batch, touched by the worker only
+        self._cache = None
+        self._mask = None  # (rows, columns) long: 1 for real tokens, left padding 0
+        self._pos = None  # (rows,) the next position id of each row
+        self._last = None  # (rows,) the last token of each row
+        tok = handle.tokenizer
+        eos = getattr(handle.model.generation_config, "eos_token_id", None)
+        self.lora = RowLoRA()
+        self.eos = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # ------------------------------------------------------------------ called from request handlers
+    def start(self) -> Batcher:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+        self.thread.join(timeout=30)
+
+    def submit(self, req: Job) -> None:
+        with self.cv:
+            if self.closed:
+                raise Rejected(503, "shutting_down", "the server is shutting down")
+            if req.adapter in self.draining:
+                raise Rejected(409, "adapter_unloading", f"adapter {req.adapter!r} is being unloaded")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (serve.max_queue={self.max_queue})")
+            self.waiting.append(req)
+            self.cv.notify_all()
+
+    def stats(self) -> dict:
+        with self.cv:
+            return {
+                "waiting": len(self.waiting),
+                "running": len(self.running),
+                "max_batch": self.max_batch,
+                "max_queue": self.max_queue,
+            }
+
+    def unload(self, name: str, timeout: float = 600.0) -> None:
+        """Unload a resident adapter once no running row uses it; queued requests for it fail with 409."""
+        with self.cv:
+            self.draining.add(name)
+            try:
+                for req in [r for r in self.waiting if r.adapter == name]:
+                    self.waiting.remove(req)
+                    req.emit(Event("error", status=409, code="adapter_unloaded", text=f"adapter {name!r} was unloaded"))
+                deadline = time.monotonic() + timeout
+                while any(r.adapter == name for r in [*self.running, *self.pending]):
+                    if not self.cv.wait(timeout=max(0.0, deadline - time.monotonic())):
+                        self.draining.discard(name)
+                        raise Rejected(409, "adapter_busy", f"adapter {name!r} is still in use after {timeout:.0f} s")
+            except BaseException:
+                self.draining.discard(name)
+                raise
+        # Nothing can start on `name` now (the queue holds none and submit refuses it); handle.lock (taken
+        # outside `cv`, so the worker never waits on us in the other order) puts this between decode steps.
+        try:
+            unload_adapter(self.handle, name)
+        finally:
+            with self.cv:
+                self.draining.discard(name)
+
+    # ------------------------------------------------------------------ the worker
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.waiting and not self.running and not self.closed:
+                    self.cv.wait()
+                if self.closed:
+                    for req in [*self.waiting, *self.running]:
+                        req.emit(Event("error", status=503, code="shutting_down", text="the server is shutting down"))
+                    self.waiting.clear()
+                    self.running.clear()
+                    return
+                if not self.running and len(self.waiting) < self.max_batch:
+                    self.cv.wait(timeout=self.wait_s)  # an idle batch: let batch-mates arrive
+                while self.waiting and len(self.running) + len(self.pending) < self.max_batch:
+                    self.pending.append(self.waiting.popleft())
+                new = list(self.pending)
+            try:
+                self._iterate(new)
+            except Exception as exc:  # a failed forward pass fails its rows, never the server
+                log.exception("batch step failed")
+                with self.cv:
+                    rows, self.running, self.pending = [*self.running, *self.pending], [], []
+                    self.cv.notify_all()
+                message = f"generation failed: {type(exc).__name__}: {exc}"
+                for req in rows:
+                    req.emit(Event("error", status=500, code="generation_failed", text=message))
+                self._cache = self._mask = self._pos = self._last = None
+
+    def _iterate(self, new: list[Job]) -> None:
+        import torch
+
+        handle = self.handle
+        with handle.lock, torch.inference_mode():
+            self.lora.sync(handle)
+            admitted = [r for r in new if self._admissible(r)]
+            if self.running:
+                logits = self._forward(
+                    self._last[:, None],
+                    torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1),
+                    self._pos[:, None],
+                    self.running,
+                    self._cache,
+                )
+                self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1)
+                self._pos = self._pos + 1
+                self._last = self._pick(logits, self.running)
+            if admitted:
+                self._admit(admitted)
+        with self.cv:
+            self.running.extend(admitted)  # their rows follow the running ones in the decode state
+            self.pending = []
+            self._retire()
+            self.cv.notify_all()
+
+    def _admissible(self, req: Job) -> bool:
+        if req.cancel.is_set():
+            return False
+        if req.adapter is not None and self.handle.attach_ids.get(req.adapter) != req.attach_id:
+            req.emit(
+                Event(
+                    "error",
+                    status=409,
+                    code="adapter_replaced",
+                    text=f"adapter {req.adapter!r} was unloaded or replaced after this request arrived; send it again",
+                )
+            )
+            return False
+        return True
+
+    def _forward(self, input_ids, mask, positions, rows: list[Job], cache):
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "cache": cache}
+        inputs |= {"use_cache": True, "logits_to_keep": 1}
+        model, route = self.handle.model, contextlib.nullcontext()
+        if self.handle.adapters and self.lora.usable:
+            model, route = model.get_base_model(), self.lora.rows([r.adapter for r in rows])
+        elif self.handle.adapters:  # PEFT's own mixed-batch path: every row names its adapter
+            inputs["adapter_names"] = [r.adapter or BASE for r in rows]
+        with route:
+            out = model(**inputs)
+        return out.logits[:, -1, :].float()
+
+    def _admit(self, new: list[Job]) -> None:
+        """Prefill the newcomers together (left-padded, as `generate` does) and merge them into the running batch."""
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(r.ids) for r in new)
+        ids = torch.full((len(new), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, width - len(r.ids) :] = torch.tensor(r.ids)
+            mask[i, width - len(r.ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        device = self._device()
+        cache = DynamicCache()
+        logits = self._forward(ids.to(device), mask.to(device), positions.to(device), new, cache)
+        for r in new:
+            if r.temperature > 0:
+                r.generator = torch.Generator(device=device)
+                r.generator.manual_seed(r.seed if r.seed is not None else int.from_bytes(os.urandom(6)))
+        last = self._pick(logits, new)
+        mask, pos = mask.to(device), mask.sum(-1).to(device)
+        if self._mask is None:
+            self._cache, self._mask, self._pos, self._last = cache, mask, pos, last
+        else:
+            old_width, new_width = self._mask.shape[1], mask.shape[1]
+            grow_old, grow_new = max(0, new_width - old_width), max(0, old_width - new_width)
+            for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+                old_layer.keys = torch.cat([_pad_left(old_layer.keys, grow_old), _pad_left(new_layer.keys, grow_new)])
+                old_layer.values = torch.cat(
+                    [_pad_left(old_layer.values, grow_old), _pad_left(new_layer.values, grow_new)]
+                )
+            self._mask = torch.cat([_pad_left(self._mask, grow_old, dim=1), _pad_left(mask, grow_new, dim=1)])
+            self._pos = torch.cat([self._pos, pos])
+            self._last = torch.cat([self._last, last])
+
+    def _device(self):
+        return next(self.handle.model.parameters()).device
+
+    def _pick(self, logits, rows: list[Job]):
+        """Each row's next token with its own settings, appended to the row; the tokens as a tensor."""
+        import torch
+
+        tokens = logits.argmax(dim=-1)
+        for i, r in enumerate(rows):
+            if r.temperature > 0:
+                scores = logits[i] / r.temperature
+                if r.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+                    ordered, order = scores.sort(descending=True)
+                    cumulative = ordered.softmax(-1).cumsum(-1)
+                    drop = cumulative - ordered.softmax(-1) >= r.top_p
+                    scores = scores.clone()
+                    scores[order[drop]] = -float("inf")
+                tokens[i] = torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0]
+            r.out.append(int(tokens[i]))
+        return tokens
+
+    def _retire(self) -> None:
+        """Emit new text; drop finished or cancelled rows from the batch (called with `cv` held)."""
+        import torch
+
+        keep = []
+        for i, r in enumerate(self.running):
+            if r.cancel.is_set():
+                continue
+            finish = self._advance(r)
+            if finish is None:
+                keep.append(i)
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._pos = self._last = None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._pos, self._last = self._mask[index], self._pos[index], self._last[index]
+        start = int((self._mask.cumsum(-1) == 0).sum(-1).min())  # columns that are padding in every row
+        if start:
+            self._mask = self._mask[:, start:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def _advance(self, r: Job) -> str | None:
+        """Stream what row `r` may show now; its finish reason when it is done, else None."""
+        tok = self.handle.tokenizer
+        ended = r.out[-1] in self.eos
+        done = ended or len(r.out) >= r.max_new_tokens
+        if not (r.stream or r.stop or done):
+            return None
+        text = tok.decode(r.out, skip_special_tokens=True).lstrip()
+        text, stopped = split_at_stop(text, r.stop)
+        if stopped or done:
+            text = text.rstrip()
+            if r.stream and text.startswith(r.sent) and len(text) > len(r.sent):
+                r.emit(Event("delta", text=text[len(r.sent) :]))
+            finish = "stop" if stopped or ended else "length"
+            r.emit(Event("done", text=text, finish=finish, prompt_tokens=len(r.ids), completion_tokens=len(r.out)))
+            return finish
+        if r.stream:
+            safe = _safe_prefix(text, r.stop)
+            if len(safe) > len(r.sent) and safe.startswith(r.sent):
+                r.emit(Event("delta", text=safe[len(r.sent) :]))
+                r.sent = safe
+        return None
+
+
+def _pad_left(t, n: int, dim: int = 2):
+    """`t` with `n` zero columns prepended along `dim` (the sequence axis: 2 for cache tensors, 1 for masks)."""
+    import torch
+
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

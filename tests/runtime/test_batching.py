@@ -1,0 +1,203 @@
+"""The batching scheduler in-process on the tiny model: answers independent of batch-mates, per-request settings,
+backpressure, cancellation and adapter safety."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from selfalign.runtime.adapters import write_random_adapter
+from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _safe_prefix
+from selfalign.runtime.chat import render_prompt
+from selfalign.runtime.loader import apply_adapter, generate, load_base
+
+PROMPTS = [
+    "Name a colour.",
+    "Tell me about rivers and why they always seem to find their way to the sea.",
+    "What is two plus two?",
+    "Write one line about autumn.",
+]
+
+
+@pytest.fixture(scope="module")
+def handle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batching")
+    h = load_base("tiny_llama")
+    write_random_adapter(h, root / "alpha", "alpha", seed=1)
+    write_random_adapter(h, root / "beta", "beta", seed=2)
+    apply_adapter(h, "alpha", root=root, activate=False)
+    apply_adapter(h, "beta", root=root, activate=False)
+    h.root = root
+    return h
+
+
+class Collector:
+    """Events per job, and a way to wait for every job to end."""
+
+    def __init__(self):
+        self.events, self.cv = {}, threading.Condition()
+
+    def emit_for(self, key):
+        self.events[key] = []
+
+        def emit(event):
+            with self.cv:
+                self.events[key].append(event)
+                self.cv.notify_all()
+
+        return emit
+
+    def final(self, key):
+        return self.events[key][-1]
+
+    def wait(self, timeout=120):
+        def ended():
+            return all(evs and evs[-1].kind in ("done", "error") for evs in self.events.values())
+
+        with self.cv:
+            assert self.cv.wait_for(ended, timeout=timeout)
+
+
+def job(handle, prompt, adapter, collector, key, max_new=12, **kw):
+    ids = handle.tokenizer(render_prompt(handle.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    attach = handle.attach_ids.get(adapter) if adapter else None
+    return Job(ids, adapter, attach, max_new, collector.emit_for(key), **kw)
+
+
+def test_batched_greedy_answers_equal_one_at_a_time_token_for_token(handle):
+    """Rows on the base and two adapters, arriving at different times with different max_tokens, some streamed."""
+    refs = {}
+    for adapter in (None, "alpha", "beta"):
+        for i, p in enumerate(PROMPTS):
+            refs[(adapter, i)] = generate(handle, [p], max_new_tokens=6 + 3 * i, adapter=adapter or "base")
+    batcher = Batcher(handle, max_batch=5, wait_ms=2).start()
+    try:
+        got = Collector()
+        for n, (adapter, i) in enumerate(refs):
+            batcher.submit(job(handle, PROMPTS[i], adapter, got, (adapter, i), max_new=6 + 3 * i, stream=n % 2 == 0))
+            time.sleep(0.02 * (n % 3))  # later arrivals join a batch already decoding
+        got.wait()
+    finally:
+        batcher.close()
+    for key, ref in refs.items():
+        done = got.final(key)
+        assert done.kind == "done", key
+        assert (done.text, done.completion_tokens) == (ref.texts[0], ref.completion_tokens[0]), key
+        deltas = [e.text for e in got.events[key] if e.kind == "delta"]
+        if deltas:  # streamed rows: the pieces add up to the final text
+            assert "".join(deltas) == done.text, key
+        assert done.finish == ("stop" if ref.completion_tokens[0] < 6 + 3 * key[1] else "length")
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(handle):
+    def sampled(companions: int, seed: int) -> str:
+        batcher = Batcher(handle, max_batch=8, wait_ms=50).start()
+        try:
+            got = Collector()
+            mine = job(handle, PROMPTS[1], "alpha", got, "me", max_new=16, temperature=0.9, top_p=0.9, seed=seed)
+            batcher.submit(mine)
+            for c in range(companions):
+                batcher.submit(job(handle, PROMPTS[c % 4], "beta", got, c, max_new=20, temperature=1.3, seed=c))
+            got.wait()
+            return got.final("me").text
+        finally:
+            batcher.close()
+
+    alone = sampled(0, seed=7)
+    assert sampled(5, seed=7) == alone
+    assert sampled(0, seed=8) != alone
+
+
+def test_stop_strings_cut_the_answer_and_never_stream_past_it(handle):
+    ref = generate(handle, [PROMPTS[1]], max_new_tokens=24, adapter="alpha").texts[0]
+    words = ref.split()
+    assert len(words) > 4
+    stop = words[3]
+    expected = ref[: ref.find(stop)].rstrip()
+    batcher = Batcher(handle).start()
+    try:
+        got = Collector()
+        batcher.submit(job(handle, PROMPTS[1], "alpha", got, "s", max_new=24, stop=[stop], stream=True))
+        got.wait()
+    finally:
+        batcher.close()
+    done = got.final("s")
+    assert (done.kind, done.finish, done.text) == ("done", "stop", expected)
+    assert "".join(e.text for e in got.events["s"] if e.kind == "delta") == expected
+
+
+def test_safe_prefix_holds_back_what_may_still_change():
+    assert _safe_prefix("Hello wor", []) == "Hello wor"
+    assert _safe_prefix("Hello ", []) == "Hello"
+    assert _safe_prefix("Hello \ufffd", []) == "Hello"
+    assert _safe_prefix("The end. ST", ["STOP"]) == "The end."  # "ST" may begin the stop string
+
+
+def test_a_full_queue_refuses_and_a_cancelled_row_frees_its_slot(handle):
+    batcher = Batcher(handle, max_batch=1, max_queue=1).start()
+    try:
+        got = Collector()
+        long = job(handle, PROMPTS[1], "alpha", got, "long", max_new=400)
+        batcher.submit(long)
+        deadline = time.time() + 30
+        while batcher.stats()["running"] == 0:  # it holds the only slot
+            assert time.time() < deadline
+            time.sleep(0.01)
+        batcher.submit(job(handle, PROMPTS[0], "beta", got, "queued", max_new=4))
+        with pytest.raises(QueueFull):
+            batcher.submit(job(handle, PROMPTS[2], None, got, "refused", max_new=4))
+        del got.events["refused"]
+        long.cancel.set()  # its client went away
+        start = time.time()
+        got.events.pop("long")
+        got.wait(timeout=60)
+        assert got.final("queued").kind == "done" and time.time() - start < 10
+        assert batcher.stats() == {"waiting": 0, "running": 0, "max_batch": 1, "max_queue": 1}
+    finally:
+        batcher.close()
+
+
+def test_unload_waits_for_running_rows_and_fails_queued_ones(handle):
+    write_random_adapter_once(handle)
+    apply_adapter(handle, "gamma", root=handle.root, activate=False)
+    batcher = Batcher(handle, max_batch=1).start()
+    try:
+        got = Collector()
+        batcher.submit(job(handle, PROMPTS[1], "gamma", got, "running", max_new=300))
+        while batcher.stats()["running"] == 0:
+            time.sleep(0.01)
+        batcher.submit(job(handle, PROMPTS[0], "gamma", got, "queued", max_new=4))
+        batcher.unload("gamma")  # returns once the running row is done
+        assert "gamma" not in handle.adapters
+        assert got.final("running").kind == "done" and got.final("running").completion_tokens == 300
+        assert (got.final("queued").kind, got.final("queued").status) == ("error", 409)
+        late = job(handle, PROMPTS[0], None, got, "late", max_new=2)
+        late.adapter, late.attach_id = "gamma", 999  # routed before the unload, submitted after it
+        batcher.submit(late)
+        got.wait()
+        assert (got.final("late").status, got.final("late").code) == (409, "adapter_replaced")
+        assert batcher.stats()["running"] == 0
+    finally:
+        batcher.close()
+
+
+def test_submit_refuses_an_adapter_being_unloaded(handle):
+    batcher = Batcher(handle)
+    batcher.draining.add("alpha")
+    with pytest.raises(Rejected) as err:
+        batcher.submit(job(handle, PROMPTS[0], "alpha", Collector(), "x"))
+    assert err.value.status == 409 and "being unloaded" in err.value.message
+
+
+def write_random_adapter_once(handle):
+    if not (handle.root / "gamma").exists():
+        from selfalign.runtime.loader import unload_adapter
+
+        names = list(handle.adapters)
+        for name in names:  # write_random_adapter needs a bare handle
+            unload_adapter(handle, name)
+        write_random_adapter(handle, handle.root / "gamma", "gamma", seed=3)
+        for name in names:
+            apply_adapter(handle, name, root=handle.root, activate=False)
