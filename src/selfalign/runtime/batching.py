@@ -125,7 +125,8 @@ class RowLoRA:
         self.key = None
         self.layers: list = []
         self.hooks: list = []
-        self.gates: dict | None = None  # per adapter layout: (rows, 1, ranks) during a step
+        self.adapters: list[str | None] = []  # each row's adapter during a step
+        self.gates: dict | None = None  # per adapter layout: (rows, 1, ranks) during a step; None: hooks idle
         self.usable = False
 
     def sync(self, handle: BaseModelHandle) -> None:
@@ -157,7 +158,8 @@ class RowLoRA:
     @contextlib.contextmanager
     def rows(self, adapters: list[str | None]):
         """Route row i through `adapters[i]` (None: the base) for the forward passes inside."""
-        self.adapters, self.gates = adapters, {}
+        self.adapters = adapters
+        self.gates = None if all(a is None for a in adapters) else {}  # only base rows: nothing to add
         for m in self.layers:
             m._disable_adapters = True
         try:
