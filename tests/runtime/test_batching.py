@@ -151,9 +151,9 @@ def test_a_full_queue_refuses_and_a_cancelled_row_frees_its_slot(handle):
         del got.events["refused"]
         long.cancel.set()  # its client went away
         start = time.time()
-        got.events.pop("long")
         got.wait(timeout=60)
         assert got.final("queued").kind == "done" and time.time() - start < 10
+        assert (got.final("long").status, got.final("long").code) == (499, "client_closed")  # its handler ends
         assert batcher.stats() == {"waiting": 0, "running": 0, "max_batch": 1, "max_queue": 1}
     finally:
         batcher.close()

@@ -188,6 +188,31 @@ def test_a_disconnected_stream_stops_its_generation(setup):
     assert after < full / 4, (after, full)  # it did not wait for the abandoned generation to finish
 
 
+def test_a_client_that_hangs_up_before_a_plain_answer_frees_its_slot(setup):
+    import json
+    import socket
+
+    server, *_ = setup
+    request = {"model": "alpha", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 1000}
+    start = time.perf_counter()
+    assert http("POST", f"{server.url}/v1/chat/completions", request)[0] == 200
+    full = time.perf_counter() - start  # 1,000 tokens: random weights never stop early
+
+    body = json.dumps(request)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        while http("GET", f"{server.url}/health")[1]["queue"]["running"] == 0:
+            assert time.perf_counter() - start < 60
+            time.sleep(0.02)
+    hung_up = time.perf_counter()
+    while http("GET", f"{server.url}/health")[1]["queue"]["running"] != 0:
+        time.sleep(0.02)
+    assert time.perf_counter() - hung_up < full / 4  # it left the batch, not finished its 1,000 tokens
+
+
 def test_symlink_out_of_root_is_refused(setup, tmp_path):
     server, root, *_ = setup
     outside = tmp_path / "elsewhere"

@@ -67,6 +67,9 @@ class Event:
     code: str = ""
 
 
+_GONE = Event("error", status=499, code="client_closed", text="the client closed the connection")
+
+
 @dataclass(eq=False)
 class Job:
     """One chat completion: prompt ids, its adapter (None: the base) fixed on arrival, and its own settings."""
@@ -327,6 +330,7 @@ class Batcher:
 
     def _admissible(self, req: Job) -> bool:
         if req.cancel.is_set():
+            req.emit(_GONE)
             return False
         if req.adapter is not None and self.handle.attach_ids.get(req.adapter) != req.attach_id:
             req.emit(
@@ -415,6 +419,7 @@ class Batcher:
         keep = []
         for i, r in enumerate(self.running):
             if r.cancel.is_set():
+                r.emit(_GONE)  # ends the handler still waiting on it, if any
                 continue
             finish = self._advance(r)
             if finish is None:
