@@ -159,14 +159,18 @@ def create_app(
         return _error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
 
     def route(model: str) -> tuple[str | None, int | None]:
-        """The adapter a request uses (None: the base model) and its attach id, both fixed now."""
-        with handle.lock:
-            name = handle.active if model == alias else None if model == handle.name else model
-            if name is None:
-                return None, None
-            if name in handle.adapters:
-                return name, handle.attach_ids[name]
-            known = [handle.name, alias, *handle.adapters]
+        """The adapter a request uses (None: the base model) and its attach id, both fixed now.
+
+        Read without `handle.lock`, which the batch worker holds for a whole token step: the event loop must not
+        wait on it. The reads are single dict lookups; an id gone stale by an unload in between is caught by the
+        scheduler (409)."""
+        name = handle.active if model == alias else None if model == handle.name else model
+        if name is None:
+            return None, None
+        attach_id = handle.attach_ids.get(name)
+        if attach_id is not None and name in handle.adapters:
+            return name, attach_id
+        known = [handle.name, alias, *list(handle.adapters)]
         raise ApiError(404, f"model {model!r} not found; available: {', '.join(known)}", "model_not_found")
 
     def adapter_info(name: str) -> dict:
@@ -183,14 +187,12 @@ def create_app(
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "selfalign", **extra}
 
     @app.get("/health")
-    async def health():
-        with handle.lock:
-            adapters = list(handle.adapters)
+    async def health():  # no handle.lock here either: a health check must answer while a batch decodes
         return {
             "status": "ok",
             "base_model": handle.name,
             "active": handle.active,
-            "adapters": adapters,
+            "adapters": list(handle.adapters),
             "queue": batcher.stats(),
         }
 
