@@ -260,7 +260,6 @@ class Batcher:
                 deadline = time.monotonic() + timeout
                 while any(r.adapter == name for r in [*self.running, *self.pending]):
                     if not self.cv.wait(timeout=max(0.0, deadline - time.monotonic())):
-                        self.draining.discard(name)
                         raise Rejected(409, "adapter_busy", f"adapter {name!r} is still in use after {timeout:.0f} s")
             except BaseException:
                 self.draining.discard(name)
@@ -310,14 +309,8 @@ class Batcher:
             self.lora.sync(handle)
             admitted = [r for r in new if self._admissible(r)]
             if self.running:
-                logits = self._forward(
-                    self._last[:, None],
-                    torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1),
-                    self._pos[:, None],
-                    self.running,
-                    self._cache,
-                )
                 self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1)
+                logits = self._forward(self._last[:, None], self._mask, self._pos[:, None], self.running, self._cache)
                 self._pos = self._pos + 1
                 self._last = self._pick(logits, self.running)
             if admitted:
