@@ -64,9 +64,11 @@ mlflow-ui: setup
 serve: setup
 	$(SA) stage=serve
 
-bench: setup
+bench: $(VENV)/.setup-dev
 	$(BIN)/python scripts/bench_swap.py
 	$(BIN)/python scripts/bench_infer.py
+	$(BIN)/python scripts/bench_serve.py
+	$(BIN)/python scripts/bench_scorers.py
 	$(BIN)/python scripts/bench_synth.py
 	$(BIN)/python scripts/bench_train.py
 
