@@ -3,17 +3,16 @@
 One worker thread owns generation. Each iteration it
 1. admits waiting requests into free batch slots (up to `max_batch` rows; when the batch is empty it first waits
    `wait_ms` for batch-mates) and prefills them together, left-padded;
-2. runs one decode step for every running row in a single forward pass, each row on its own adapter (PEFT's
-   `adapter_names`, the mixed-batch LoRA forward);
+2. runs one decode step for every running row in a single forward pass, each row on its own adapter;
 3. picks each row's next token with that row's own settings (greedy, or temperature/top-p with a generator seeded
    from the request), streams the new text, and retires rows that hit end-of-sequence, `max_tokens`, a stop
    string, or whose client went away; their slots are free at the next iteration.
 
-Rows on different adapters share the forward pass through `RowLoRA`: with PEFT's own per-layer logic switched off
-for the step, each LoRA layer adds `lora_B(lora_A(x)) * scaling` for the rows of each adapter, from row indices
-computed once per step. PEFT's `adapter_names` path does the same arithmetic but re-registers a hook on every LoRA
-layer and re-derives the row groups in Python in every layer, every step: 37% of a decode step at 8 rows
-(DECISIONS.md). Adapters with a LoRA variant (DoRA, aLoRA) keep PEFT's path.
+Rows on different adapters share the forward pass through `RowLoRA`: with PEFT's own LoRA computation switched off
+for the step, a hook on each LoRA layer adds every row's delta from its adapter's weights in four tensor ops,
+whatever the mix. PEFT's `adapter_names` path does the same arithmetic but re-registers a hook on every LoRA
+layer and regroups the rows in Python in every layer, every step (DECISIONS.md "Serving that batches"). Adapters
+with a LoRA variant (DoRA, aLoRA) keep PEFT's path.
 
 The key/value cache of the running batch is one left-padded `DynamicCache`: newcomers are merged in by padding the
 shorter side on the left, and retired rows are cut out (and the all-padding columns dropped). Each row keeps its
@@ -397,8 +396,8 @@ class Batcher:
                 scores = logits[i] / r.temperature
                 if r.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
                     ordered, order = scores.sort(descending=True)
-                    cumulative = ordered.softmax(-1).cumsum(-1)
-                    drop = cumulative - ordered.softmax(-1) >= r.top_p
+                    probs = ordered.softmax(-1)
+                    drop = probs.cumsum(-1) - probs >= r.top_p
                     scores = scores.clone()
                     scores[order[drop]] = -float("inf")
                 tokens[i] = torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0]

@@ -308,11 +308,7 @@ def generate(
     texts = [render_prompt(tok, p, system) for p in prompts]
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     lengths = batch["attention_mask"].sum(dim=1).tolist()
-    if max(lengths) + max_new_tokens > handle.context_window:
-        raise SelfAlignError(
-            f"prompt is {max(lengths)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
-            f"{handle.context_window}-token context window of {handle.name} (shorten it or lower max_new_tokens)"
-        )
+    check_context(handle, max(lengths), max_new_tokens)
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "pad_token_id": tok.pad_token_id,
@@ -350,6 +346,15 @@ def generate(
     completion = [_until_eos(row.tolist(), tok.eos_token_id) for row in new]
     decoded = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     return Generation(decoded, lengths, completion, seconds, name)
+
+
+def check_context(handle: BaseModelHandle, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with `max_new_tokens` more, would overflow the model's context window."""
+    if prompt_tokens + max_new_tokens > handle.context_window:
+        raise SelfAlignError(
+            f"prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+            f"{handle.context_window}-token context window of {handle.name} (shorten it or lower max_new_tokens)"
+        )
 
 
 def infer(

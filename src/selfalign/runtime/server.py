@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected
 from selfalign.runtime.chat import render_prompt
-from selfalign.runtime.loader import BaseModelHandle, apply_adapter, names_base, set_active
+from selfalign.runtime.loader import BaseModelHandle, apply_adapter, check_context, names_base, set_active
 
 
 class ContentPart(BaseModel):
@@ -197,10 +197,9 @@ def create_app(
         }
 
     @app.get("/v1/models", dependencies=guard)
-    async def models():
-        with handle.lock:
-            data = [model_card(handle.name, kind="base"), model_card(alias, kind="alias", active=handle.active)]
-            data += [model_card(n, kind="adapter", parent=handle.name) for n in handle.adapters]
+    async def models():  # names only, read without handle.lock as `route` does
+        data = [model_card(handle.name, kind="base"), model_card(alias, kind="alias", active=handle.active)]
+        data += [model_card(n, kind="adapter", parent=handle.name) for n in list(handle.adapters)]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", dependencies=guard)
@@ -215,13 +214,7 @@ def create_app(
             )
         messages = [m.model_dump() for m in req.messages]
         ids = handle.tokenizer(render_prompt(handle.tokenizer, messages), add_special_tokens=False)["input_ids"]
-        if len(ids) + max_new > handle.context_window:
-            raise ApiError(
-                400,
-                f"prompt is {len(ids)} tokens; with max_new_tokens={max_new} it exceeds the "
-                f"{handle.context_window}-token context window of {handle.name} (shorten it or lower max_tokens)",
-                "context_length_exceeded",
-            )
+        check_context(handle, len(ids), max_new)  # a SelfAlignError: 400
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(
             ids=ids,
