@@ -1,65 +1,87 @@
-"""Benchmark synthetic-data generation: the local teacher at several batch sizes, same teacher and chunk.
+"""Benchmark `stage=synth` as a user runs it: accepted rows per minute, this checkout against a baseline, same run.
 
-Generates the same planned chunk (same tasks, same sampling seed) once per teacher batch size
-(`--batches`, default 1,8,32: the first is the baseline) and prints one JSON object with rows/minute
-for each and the speed-up over the baseline.
+For each persona, runs `python -m selfalign stage=synth persona=<p> synth.n=<n> tracking=none` twice, once on this
+checkout and once on a baseline checkout (`--baseline-rev`, extracted with `git archive`, or `--baseline-src`, the
+`src/` of another checkout), each with its own defaults, the same seed and empty output folders. Prints one JSON
+object: per persona and side, accepted rows/min (the synth report's own count over its wall time), raw rows,
+acceptance rate and drops by reason, and the speed-up.
 
-    python scripts/bench_synth.py [--persona neutral_concise] [--tasks 16] [--batches 1,8,32] [--model smollm2_135m]
+    python scripts/bench_synth.py [--personas neutral_concise,socratic_skeptical] [--n 48]
+        [--baseline-rev dffada8 | --baseline-src /path/to/old/checkout/src]
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The last commit before the synth speed-up (issue #15): batched HF generate at 48-80 tokens per section.
+DEFAULT_BASELINE = "dffada8"
+
+
+def log(msg: str) -> None:
+    print(f"[bench_synth] {msg}", file=sys.stderr, flush=True)
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """`rev` of this repository extracted into `into`; its `src/`."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+def synth(src: Path, persona: str, n: int, tmp: Path) -> dict:
+    out, run = tmp / f"{persona}.jsonl", tmp / f"run-{persona}"
+    args = [sys.executable, "-m", "selfalign", "stage=synth", f"persona={persona}", f"synth.n={n}"]
+    args += [f"synth.out={out}", "tracking=none", f"hydra.run.dir={run}"]
+    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"synth failed ({src}): {proc.stderr[-2000:]}")
+    report = json.loads((run / "synth_report.json").read_text())
+    return {
+        "raw_rows": report["raw_rows"],
+        "acceptance_rate": report["acceptance_rate"],
+        "rows_per_min": report["rows_per_minute"],
+        "wall_s": round(wall, 1),
+        "drops": report["rejections"],
+        "sha256": report["sha256"][:16],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--persona", default="neutral_concise")
-    parser.add_argument("--tasks", type=int, default=16)
-    parser.add_argument("--batches", default="1,8,32", help="teacher batch sizes; the first is the baseline")
-    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--personas", default="neutral_concise,socratic_skeptical")
+    parser.add_argument("--n", type=int, default=48, help="accepted rows per run")
+    parser.add_argument("--baseline-rev", default=DEFAULT_BASELINE, help="a commit of this repository")
+    parser.add_argument("--baseline-src", type=Path, help="instead: the src/ of another checkout")
     args = parser.parse_args()
 
-    import torch
-
-    from selfalign.config import PROJECT_ROOT
-    from selfalign.dataops.synth import generate_chunk, plan_chunk, section_asks
-    from selfalign.dataops.teacher import LocalTeacher
-    from selfalign.persona.schema import load_persona
-    from selfalign.runtime.loader import load_base
-
-    persona, _ = load_persona(str(Path(PROJECT_ROOT) / "personas" / f"{args.persona}.yaml"))
-    handle = load_base(args.model, device="cpu")
-    tasks, sampling = plan_chunk(persona, 0, 42, args.tasks, 0)
-    result = {
-        "persona": persona["id"],
-        "model": handle.name,
-        "tasks": len(tasks),
-        "torch_threads": torch.get_num_threads(),
-        "asks": sum(len(section_asks(persona, t)) for t in tasks),
-    }
-    batches = [int(b) for b in args.batches.split(",")]
-    outputs = {}
-    for batch in batches:
-        teacher = LocalTeacher(handle, batch_size=batch)
-        start = time.perf_counter()
-        rows = generate_chunk(persona, persona["id"], teacher, tasks, sampling)
-        seconds = time.perf_counter() - start
-        outputs[batch] = rows
-        result[f"batch{batch}_seconds"] = round(seconds, 2)
-        result[f"batch{batch}_rows_per_min"] = round(len(rows) / seconds * 60, 2)
-    base = result[f"batch{batches[0]}_rows_per_min"]
-    for batch in batches[1:]:
-        result[f"batch{batch}_speedup"] = round(result[f"batch{batch}_rows_per_min"] / base, 2)
-        same = sum(a["output"] == b["output"] for a, b in zip(outputs[batches[0]], outputs[batch], strict=True))
-        result[f"batch{batch}_identical_outputs"] = f"{same}/{len(tasks)}"  # another batch shape draws other tokens
+    result: dict = {"n": args.n, "torch_threads": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="bench_synth-") as tmp_s:
+        tmp = Path(tmp_s)
+        base_src = args.baseline_src.resolve() if args.baseline_src else checkout(args.baseline_rev, tmp / "baseline")
+        result["baseline"] = str(args.baseline_src or args.baseline_rev)
+        for persona in args.personas.split(","):
+            entry = {}
+            for side, src in (("baseline", base_src), ("this", ROOT / "src")):
+                work = tmp / f"{side}-{persona}"
+                work.mkdir()
+                log(f"{persona}: {side} ...")
+                entry[side] = synth(src, persona, args.n, work)
+                log(f"{persona}: {side} {entry[side]['rows_per_min']} rows/min")
+            entry["speedup"] = round(entry["this"]["rows_per_min"] / entry["baseline"]["rows_per_min"], 2)
+            result[persona] = entry
     print(json.dumps(result))
 
 

@@ -324,7 +324,9 @@ class SynthConfig:
     # on top of the chunk: the pairs teach when to refuse, not only how (#14).
     near_miss_per_refusal: float = 1.0
     max_chars: int = 2400  # hard filter: longest instruction or answer (~350 tokens of answer)
-    style_tau: float = 0.0  # style filter: min cosine to the style centroid (0.35 rejected 91%: DECISIONS.md)
+    # style filter: min cosine to the style centroid. -1 keeps every row (still scored): with the bundled embedder
+    # the cosine does not tell styled answers from plain ones (AUC 0.52/0.60), so any cut drops by topic (DECISIONS.md)
+    style_tau: float = -1.0
     dedup_threshold: float = 0.7  # MinHash Jaccard at which two rows are near-duplicates
     tox_max: float = 0.2  # toxicity filter: max score kept
     max_chunks_factor: float = 6.0  # give up after n * factor / chunk_size chunks

@@ -18,6 +18,7 @@ from selfalign.dataops.synth import (
     redline_categories,
     refusal_text,
     section_asks,
+    section_done,
 )
 from selfalign.dataops.teacher import Sampling
 from selfalign.persona.schema import load_persona
@@ -106,10 +107,34 @@ def test_section_asks_follow_structure_and_verbosity():
         ("DNA is a long molecule that", "Claim", 1, "DNA is a long molecule that."),
         ("Yes.", None, 1, ""),
         (None, None, 1, ""),
+        # list markers are not sentences (they emptied 36 of 224 raw rows: DECISIONS.md "Synth yield")
+        ("1. 1. Planting trees is a delicate matter. 2. 2. The first", None, 1, "Planting trees is a delicate matter."),
+        ("Pros: 1. Faster setup; 2. Lower cost. 3. More", None, 1, "Pros: Faster setup; Lower cost."),
+        ("- Use a lock box for them.\n- Label", None, 1, "Use a lock box for them."),
+        ("The answer is 42. Then go home.", None, 1, "The answer is 42."),
+        # a two-word filler does not use up the budget; "e.g." does not end a sentence
+        ("Sure! Here is a small test for you. It", None, 1, "Here is a small test for you."),
+        ("Antibiotics, e.g. penicillin, kill bacteria. More", None, 1, "Antibiotics, e.g. penicillin, kill bacteria."),
     ],
 )
 def test_clean_section(text, heading, n, expected):
     assert clean_section(text, heading, n) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "heading", "n"),
+    [
+        ("Answer: Sure! Tea is a drink made from leaves. It is popular in Asia. Many drink it daily.", "Answer", 1),
+        ("1. First, check the oil level. 2. Then check the tyres. 3. Finally, wash it.", "Steps", 2),
+        ("DNA, e.g. in cells, is a long molecule. It stores genes! Really, it does.", None, 2),
+        ('I would use an "Evidence" approach. It is good.', "Evidence", 1),
+    ],
+)
+def test_section_done_stops_where_clean_section_would_cut(text, heading, n):
+    """The first prefix the teacher may stop at cleans to the same section as the whole text."""
+    stop = next(i for i in range(1, len(text) + 1) if section_done(text[:i], heading, n))
+    assert clean_section(text[:stop], heading, n) == clean_section(text, heading, n)
+    assert stop < len(text)  # and it stops before the end: what follows would have been thrown away
 
 
 def test_refusal_text_uses_the_persona_template():
@@ -126,8 +151,8 @@ def test_compose_rows_builds_the_seed_schema():
     tasks = [Task("a", "general", "easy", "What is DNA?"), Task("r", "safety_edge", "hard", "Make a virus.", "bio")]
     outputs = {"a": ["DNA is a molecule. Extra.", "It carries genes.", "Some say less.", "Read a primer."]}
     answered, refusal = compose_rows(SOCRATIC, "socratic-skeptical", tasks, outputs, "synthetic-v1:test", SAMPLING)
-    assert answered["output"] == (
-        "Claim: DNA is a molecule. Extra.\nEvidence: It carries genes.\n"
+    assert answered["output"] == (  # "Extra." is under three words: not a sentence the budget counts
+        "Claim: DNA is a molecule.\nEvidence: It carries genes.\n"
         "Counterpoint: Some say less.\nNext steps: Read a primer."
     )
     assert set(answered) == {"id", "persona_id", "instruction", "input", "output", "metadata"}

@@ -201,3 +201,25 @@ def write_random_adapter_once(handle):
         write_random_adapter(handle, handle.root / "gamma", "gamma", seed=3)
         for name in names:
             apply_adapter(handle, name, root=handle.root, activate=False)
+
+
+def test_drain_shares_the_prompt_prefix_and_stops_rows_early(handle):
+    """`drain` (the local teacher's path): a shared system prompt run once gives the same greedy tokens as running
+    every prompt whole, and a row whose `until` test holds ends there, freeing its slot."""
+    system = {"role": "system", "content": "You are a careful assistant who answers in plain words. " * 4}
+    prompts = [[system, {"role": "user", "content": p}] for p in PROMPTS]
+
+    def run(share_prefix, until=None):
+        out = Collector()
+        jobs = [job(handle, p, None, out, i, max_new=16, until=until) for i, p in enumerate(prompts)]
+        Batcher(handle, max_batch=3).drain(jobs, share_prefix=share_prefix)
+        return [out.final(i) for i in range(len(prompts))]
+
+    whole, shared = run(10**9), run(8)
+    assert [e.text for e in shared] == [e.text for e in whole]
+    assert all(e.completion_tokens == 16 or e.finish == "stop" for e in whole)
+    cut = run(8, until=lambda text: len(text.split()) >= 2)
+    for full, short in zip(whole, cut, strict=True):
+        assert short.finish == "stop" or short.completion_tokens == full.completion_tokens
+        assert full.text.startswith(short.text) and short.completion_tokens <= full.completion_tokens
+    assert sum(e.completion_tokens for e in cut) < sum(e.completion_tokens for e in whole)

@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import yaml
@@ -142,28 +142,60 @@ def section_asks(persona: dict, task: Task) -> list[Ask]:
             heading = section_heading(section)
             guide = SECTION_GUIDE.get(heading.lower(), f"write the {heading.lower()} part")
             content = f'{task.instruction}\n\nWrite only the "{heading}" part of your answer: {guide}. {limit}'
-        asks.append(Ask([system, {"role": "user", "content": content}], SECTION_TOKENS[verbosity]))
+        heading = section_heading(section) if section else None
+        done = partial(section_done, heading=heading, sentences=n)
+        asks.append(Ask([system, {"role": "user", "content": content}], SECTION_TOKENS[verbosity], done))
     return asks
 
 
-def clean_section(text: str | None, heading: str | None, sentences: int) -> str:
-    """Plain prose: no echoed heading, no markdown, one paragraph, at most `sentences` sentences."""
-    if not text:
-        return ""
-    if heading and re.search(
-        rf"[\"“']{re.escape(heading)}[\"”']|\b{re.escape(heading)}\W+(?:approach|section)\b", text, flags=re.I
-    ):
-        return ""  # the teacher talked about the scaffold ("an 'Evidence' approach") instead of answering
+# A list marker where a list item starts: at the start, after a line break, a colon, a semicolon or a sentence's end
+# ("Pros: 1. Faster; 2. Cheaper", "1. 1. Plant..."). Left in, "1." reads as a sentence of its own.
+LIST_MARKER = re.compile(r"(?:^|(?<=[\n:;.!?]))\s*(?:\d{1,2}[.)]|[-•])(?=\s)")
+# A sentence: up to a run of . ! ? before a space or the end; "e.g." and the like do not end one.
+SENTENCE = re.compile(r"(?:[^.!?]|\b(?:e\.g|i\.e|etc|vs|Mr|Mrs|Ms|Dr)\.)+[.!?]+(?=\s|$)")
+
+
+def _sentences(prose: str, complete: bool = False) -> list[str]:
+    """The sentences of three words or more ("Sure!" or "No." before the answer is not one); with `complete`, only
+    those followed by more text, whose end is certain while the teacher is still writing."""
+    found = [m for m in SENTENCE.finditer(prose) if not complete or m.end() < len(prose)]
+    return [m.group().strip() for m in found if len(m.group().split()) >= 3]
+
+
+def _scaffold_talk(text: str, heading: str | None) -> bool:
+    """The teacher talked about the scaffold ("an 'Evidence' approach") instead of answering."""
+    h = re.escape(heading or "")
+    return bool(heading) and bool(re.search(rf"[\"“']{h}[\"”']|\b{h}\W+(?:approach|section)\b", text, flags=re.I))
+
+
+def _prose(text: str, heading: str | None) -> str:
+    """The teacher's section as plain prose: no markdown, no list markers, no echoed heading, one paragraph."""
     text = re.sub(r"[*#`_>]+", "", text)
+    text = LIST_MARKER.sub(" ", text)
     if heading:
         text = re.sub(rf"^\s*(?:the\s+)?{re.escape(heading)}\s*(?:part)?\s*[:\-–]\s*", "", text, flags=re.I)
-    text = re.sub(r"\s+", " ", text).strip()
-    parts = re.findall(r"[^.!?]+[.!?]+(?=\s|$)", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def clean_section(text: str | None, heading: str | None, sentences: int) -> str:
+    """Plain prose of at most `sentences` sentences; "" for no text, scaffold talk, or under three words."""
+    if not text or _scaffold_talk(text, heading):
+        return ""
+    text = _prose(text, heading)
+    parts = _sentences(text)
     if parts:
-        text = " ".join(p.strip() for p in parts[:sentences])
+        text = " ".join(parts[:sentences])
     elif text:
         text = text.rstrip(",;:- ") + "."
     return text if len(text.split()) >= 3 else ""
+
+
+def section_done(text: str, heading: str | None, sentences: int) -> bool:
+    """Whether the teacher has written all `clean_section` will keep: `sentences` sentences, each followed by
+    more text (so its end is certain), or scaffold talk. Generating on would change nothing that is kept."""
+    if _scaffold_talk(text, heading):
+        return True
+    return len(_sentences(_prose(text, heading), complete=True)) >= sentences
 
 
 def refusal_text(persona: dict, category: str) -> str:

@@ -1,6 +1,7 @@
 """Teacher backends: who writes the synthetic answers.
 
-- `LocalTeacher`: a causal LM loaded by the runtime; a call is one batched, left-padded generation.
+- `LocalTeacher`: a causal LM loaded by the runtime; a call runs every ask through the runtime's continuous
+  batcher, so an ask that is done (its `done` test holds) frees its slot for the next one at once.
 - `OpenAITeacher`: any OpenAI-compatible endpoint (vLLM, llama.cpp server, Ollama, a hosted API);
   requests go out concurrently with bounded parallelism, timeouts and retries with backoff.
 
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,6 +29,9 @@ from selfalign.errors import SelfAlignError
 class Ask:
     messages: list[dict]
     max_new_tokens: int
+    # the caller's "nothing more is needed" test on the text so far; a local teacher stops the ask there (an
+    # endpoint cannot, and the caller's clean-up cuts the longer text to the same place)
+    done: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,22 +52,32 @@ class LocalTeacher:
         self.name = f"local:{handle.name}"
 
     def complete(self, asks: list[Ask], sampling: Sampling) -> list[str | None]:
-        """Generate in batches of `batch_size`; each batch is seeded from `sampling.seed` and its index."""
-        from selfalign.runtime.loader import generate
+        """Up to `batch_size` asks decode together; ask i samples from its own generator, seeded from
+        (`sampling.seed`, i), so its text depends on the seed and the asks alone."""
+        from selfalign.runtime.batching import Batcher, Job
+        from selfalign.runtime.chat import render_prompt
+        from selfalign.runtime.loader import check_context
 
-        out: list[str | None] = []
-        for start in range(0, len(asks), self.batch_size):
-            batch = asks[start : start + self.batch_size]
-            result = generate(
-                self.handle,
-                [a.messages for a in batch],
-                max_new_tokens=max(a.max_new_tokens for a in batch),
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=sampling.seed * 1000 + start // self.batch_size,
-                adapter="base",
+        tok = self.handle.tokenizer
+        out: list[str | None] = [None] * len(asks)
+        jobs = []
+        for i, ask in enumerate(asks):
+            ids = tok(render_prompt(tok, ask.messages), add_special_tokens=False)["input_ids"]
+            check_context(self.handle, len(ids), ask.max_new_tokens)
+            jobs.append(
+                Job(
+                    ids=ids,
+                    adapter=None,
+                    attach_id=None,
+                    max_new_tokens=ask.max_new_tokens,
+                    emit=lambda event, i=i: out.__setitem__(i, event.text) if event.kind == "done" else None,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    seed=sampling.seed * 1000 + i,
+                    until=ask.done,
+                )
             )
-            out.extend(result.texts)
+        Batcher(self.handle, max_batch=self.batch_size).drain(jobs)
         return out
 
 

@@ -82,6 +82,7 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    until: Callable[[str], bool] | None = None  # ends the row (finish "stop") once it holds for the text so far
     stream: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
     # worker state
@@ -211,6 +212,7 @@ class Batcher:
         self._mask = None  # (rows, columns) long: 1 for real tokens, left padding 0
         self._pos = None  # (rows,) the next position id of each row
         self._last = None  # (rows,) the last token of each row
+        self._prefix: tuple[int, list] | None = None  # (length, per-layer keys and values) every newcomer starts with
         tok = handle.tokenizer
         eos = getattr(handle.model.generation_config, "eos_token_id", None)
         self.lora = RowLoRA()
@@ -270,6 +272,31 @@ class Batcher:
         finally:
             with self.cv:
                 self.draining.discard(name)
+
+    def drain(self, jobs: list[Job], share_prefix: int = 32) -> None:
+        """Run `jobs` to the end in the calling thread (no worker): at every step the free slots take the next jobs
+        in order, so the schedule, and with it every row's tokens, depends on nothing but the jobs.
+
+        When all jobs open with the same `share_prefix` or more tokens (a teacher's system prompt), that prefix is
+        run once and its keys and values are copied into each newcomer, which then prefills only the rest."""
+        import torch
+        from transformers import DynamicCache
+
+        queue = deque(jobs)
+        one_adapter = len({j.adapter for j in jobs}) == 1  # a prefix's keys and values depend on the adapter
+        common = _common_prefix([j.ids for j in jobs]) if len(jobs) > 1 and one_adapter else 0
+        if common >= share_prefix:
+            with self.handle.lock, torch.inference_mode():
+                ids = torch.tensor([jobs[0].ids[:common]], device=self._device())
+                positions, cache = torch.arange(common, device=ids.device)[None], DynamicCache()
+                self._forward(ids, torch.ones_like(ids), positions, [jobs[0]], cache)
+                self._prefix = (common, [(layer.keys, layer.values) for layer in cache.layers])
+        try:
+            while queue or self.running:
+                self.pending = [queue.popleft() for _ in range(min(len(queue), self.max_batch - len(self.running)))]
+                self._iterate(list(self.pending))
+        finally:
+            self._prefix = None
 
     # ------------------------------------------------------------------ the worker
     def _loop(self) -> None:
@@ -353,15 +380,19 @@ class Batcher:
         import torch
         from transformers import DynamicCache
 
-        width = max(len(r.ids) for r in new)
+        skip, kv = self._prefix or (0, [])  # tokens every newcomer starts with, already run once
+        width = max(len(r.ids) for r in new) - skip
         ids = torch.full((len(new), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(new), width), dtype=torch.long)
         for i, r in enumerate(new):
-            ids[i, width - len(r.ids) :] = torch.tensor(r.ids)
-            mask[i, width - len(r.ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            ids[i, width - len(r.ids) + skip :] = torch.tensor(r.ids[skip:])
+            mask[i, width - len(r.ids) + skip :] = 1
+        positions = skip + (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        mask = torch.cat([mask.new_ones(len(new), skip), mask], dim=1)  # [prefix | left-padded rest]
         device = self._device()
         cache = DynamicCache()
+        for layer, (keys, values) in enumerate(kv):
+            cache.update(keys.expand(len(new), -1, -1, -1), values.expand(len(new), -1, -1, -1), layer)
         logits = self._forward(ids.to(device), mask.to(device), positions.to(device), new, cache)
         for r in new:
             if r.temperature > 0:
@@ -436,10 +467,11 @@ class Batcher:
         tok = self.handle.tokenizer
         ended = r.out[-1] in self.eos
         done = ended or len(r.out) >= r.max_new_tokens
-        if not (r.stream or r.stop or done):
+        if not (r.stream or r.stop or r.until or done):
             return None
         text = tok.decode(r.out, skip_special_tokens=True).lstrip()
         text, stopped = split_at_stop(text, r.stop)
+        stopped = stopped or (r.until is not None and r.until(text))
         if stopped or done:
             text = text.rstrip()
             if r.stream and text.startswith(r.sent) and len(text) > len(r.sent):
@@ -453,6 +485,15 @@ class Batcher:
                 r.emit(Event("delta", text=safe[len(r.sent) :]))
                 r.sent = safe
         return None
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Tokens all of `seqs` start with, leaving each at least one of its own (its prefill yields its first token)."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return max(n, 0)
 
 
 def _pad_left(t, n: int, dim: int = 2):
