@@ -136,3 +136,28 @@ def test_run_dir_is_per_stage_timestamp_and_sha(compose_cfg):
     date, sha = stamp_sha.rsplit("_", 1)
     assert len(date) == len("2026-01-01_00-00-00-000000")
     assert sha == "nogit" or len(sha) >= 7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "source"),
+    [
+        ([], "bank"),  # the bundled 135M teacher cannot write instructions (DECISIONS.md)
+        (["teacher=openai", "teacher.base_url=http://127.0.0.1:1/v1", "teacher.model=m"], "teacher"),
+        (
+            ["teacher=openai", "teacher.base_url=http://127.0.0.1:1/v1", "teacher.model=m", "synth.instructions=mixed"],
+            "mixed",
+        ),
+        (["synth.instructions=teacher"], "teacher"),
+    ],
+)
+def test_instruction_source_follows_the_teacher_unless_set(compose_cfg, overrides, source):
+    from selfalign.stages.synth import instruction_source
+
+    assert instruction_source(OmegaConf.to_object(compose_cfg(["stage=synth", *overrides]))).value == source
+
+
+def test_an_unknown_instruction_source_is_refused(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as exc:
+        compose_cfg(["stage=synth", "synth.instructions=llm"])
+    text = f"{exc.value} {exc.value.__cause__}"
+    assert "synth.instructions" in text and "expected one of [bank, teacher, mixed]" in text

@@ -227,6 +227,12 @@ class TeacherKind(str, Enum):
     openai = "openai"  # any OpenAI-compatible HTTP endpoint
 
 
+class InstructionSource(str, Enum):
+    bank = "bank"  # templates x topics from dataops/bank.yaml
+    teacher = "teacher"  # the teacher writes them (seed §6.2 instruction generator)
+    mixed = "mixed"  # every other answered slot from each
+
+
 @dataclass
 class TeacherConfig:
     kind: TeacherKind = MISSING
@@ -323,6 +329,9 @@ class SynthConfig:
     # Benign near-miss requests (the same words as a redline category, answered normally) per refusal row,
     # on top of the chunk: the pairs teach when to refuse, not only how (#14).
     near_miss_per_refusal: float = 1.0
+    # Who writes the answered rows' instructions; null: `teacher` for teacher=openai, `bank` for a local teacher
+    # (the bundled 135M one cannot: DECISIONS.md "Teacher-written instructions").
+    instructions: InstructionSource | None = None
     max_chars: int = 2400  # hard filter: longest instruction or answer (~350 tokens of answer)
     # style filter: min cosine to the style centroid. -1 keeps every row (still scored): with the bundled embedder
     # the cosine does not tell styled answers from plain ones (AUC 0.52/0.60), so any cut drops by topic (DECISIONS.md)

@@ -55,6 +55,8 @@ class Task:
     instruction: str
     redline: str | None = None  # the redline category a refusal task hits
     near_miss: str | None = None  # the redline category whose words a benign, answered task shares
+    input: str = ""  # the optional input a teacher-written instruction comes with
+    instruction_source: str = "bank"  # or "teacher": written by the teacher (synth.instructions)
 
 
 @cache
@@ -77,15 +79,23 @@ def refusal_category(own: list[str], rng: random.Random) -> str:
 
 
 def plan_chunk(
-    persona: dict, chunk: int, seed: int, size: int, refusals: int, near_miss_per_refusal: float = 0.0
+    persona: dict,
+    chunk: int,
+    seed: int,
+    size: int,
+    refusals: int,
+    near_miss_per_refusal: float = 0.0,
+    first_slot: int | None = None,
 ) -> tuple[list[Task], Sampling]:
     """`size` answered tasks in the domain/difficulty mix plus `refusals` redline requests, shuffled; each
-    refusal brings `near_miss_per_refusal` (on average) benign, answered near-misses of its category."""
+    refusal brings `near_miss_per_refusal` (on average) benign, answered near-misses of its category.
+    `first_slot` is the chunk's first global slot in the mix schedule (default `chunk * size`)."""
     rng = random.Random(f"{seed}:{chunk}")
     bank = load_bank()
     tasks = []
     for j in range(size):
-        g = chunk * size + j  # a global slot: every 20 answered rows carry the exact domain mix
+        # a global slot: every 20 answered rows carry the exact domain mix
+        g = (chunk * size if first_slot is None else first_slot) + j
         slots = DOMAIN_SLOTS[:]
         random.Random(f"{seed}:domains:{g // len(slots)}").shuffle(slots)
         domain = slots[g % len(slots)]
@@ -134,15 +144,15 @@ def section_asks(persona: dict, task: Task) -> list[Ask]:
     limit = f"Use at most {n} sentence{'s' if n > 1 else ''}."
     system = {"role": "system", "content": system_prompt(persona)}
     sections = persona["style"]["structure"] or [None]
+    request = f"{task.instruction}\n\n{task.input}" if task.input else task.instruction
     asks = []
     for section in sections:
-        if section is None:
-            content = f"{task.instruction}\n\n{limit}"
-        else:
-            heading = section_heading(section)
-            guide = SECTION_GUIDE.get(heading.lower(), f"write the {heading.lower()} part")
-            content = f'{task.instruction}\n\nWrite only the "{heading}" part of your answer: {guide}. {limit}'
         heading = section_heading(section) if section else None
+        if heading is None:
+            content = f"{request}\n\n{limit}"
+        else:
+            guide = SECTION_GUIDE.get(heading.lower(), f"write the {heading.lower()} part")
+            content = f'{request}\n\nWrite only the "{heading}" part of your answer: {guide}. {limit}'
         done = partial(section_done, heading=heading, sentences=n)
         asks.append(Ask([system, {"role": "user", "content": content}], SECTION_TOKENS[verbosity], done))
     return asks
@@ -251,7 +261,7 @@ def compose_rows(
                 "id": "",  # numbered when accepted
                 "persona_id": persona_id,
                 "instruction": task.instruction,
-                "input": "",
+                "input": task.input,
                 "output": output,
                 "metadata": {
                     "values_vector": persona["values"],
@@ -265,6 +275,8 @@ def compose_rows(
                 },
             }
         )
+        if task.instruction_source != "bank":  # bank rows keep the schema (and bytes) they had before
+            rows[-1]["metadata"]["instruction_source"] = task.instruction_source
     return rows
 
 
@@ -313,6 +325,7 @@ class SynthSettings:
     tox_max: float
     max_chunks: int
     near_miss_per_refusal: float = 0.0
+    instructions: str = "bank"  # who writes the answered rows' instructions: bank, teacher or mixed
 
 
 class Scorers:
@@ -383,7 +396,13 @@ def synthesize(
     if state is None:
         files.reset()
         state = {"config_hash": config_hash, "chunk": 0, "bytes": 0, "drops": {}, "raw": 0}
+        if settings.instructions != "bank":
+            state |= {"instructions": {}, "instructions_seen": []}
     drops = Counter(state["drops"])
+    instruction_stats = Counter(state.get("instructions", {}))
+    seen = NearDuplicateIndex(settings.dedup_threshold)  # teacher-written instructions so far (rebuilt on resume)
+    for text in state.get("instructions_seen", []):
+        seen.add(text)
     index = NearDuplicateIndex(settings.dedup_threshold)
     dedup_filter(rows, index)  # rebuild the index from the rows already accepted
     golden = NearDuplicateIndex(settings.dedup_threshold)
@@ -403,16 +422,31 @@ def synthesize(
                 f"(drops: {dict(drops)}); rows so far are kept in {files.partial}"
             )
         remaining = settings.n - len(rows)
-        if remaining > 0:
-            want = max(
-                0,
-                min(settings.chunk_size, round((target_refusals - refusals) * settings.chunk_size / max(remaining, 1))),
-            )
-            size, limit = settings.chunk_size, remaining
+        if remaining > 0:  # the last chunks plan only what is still needed, not a whole chunk
+            size = min(settings.chunk_size, remaining)
+            want = max(0, min(size, round((target_refusals - refusals) * size / remaining)))
+            limit = remaining
         else:  # n reached but below the band: add refusal rows only
             want, size, limit = needed, 0, needed
         near = settings.near_miss_per_refusal if size else 0.0  # topping up the band adds refusals only
-        tasks, sampling = plan_chunk(persona, state["chunk"], settings.seed, size, want, near)
+        first = state["chunk"] * settings.chunk_size
+        tasks, sampling = plan_chunk(persona, state["chunk"], settings.seed, size, want, near, first_slot=first)
+        added: list[str] = []
+        if settings.instructions != "bank" and size:
+            from selfalign.dataops.instructions import teacher_tasks
+
+            tasks, added = teacher_tasks(
+                persona,
+                teacher,
+                tasks,
+                sampling,
+                mixed=settings.instructions == "mixed",
+                seen=seen,
+                golden=golden,
+                embed=scorers.embed,
+                refusal=scorers.refusal,
+                stats=instruction_stats,
+            )
         raw = generate_chunk(persona, persona["id"], teacher, tasks, sampling)
         kept = run_filters(
             raw,
@@ -433,7 +467,10 @@ def synthesize(
             rows.append(row)
             row["id"] = f"sft-{len(rows):06d}"
         state.update(chunk=state["chunk"] + 1, drops=dict(drops), raw=state["raw"] + len(raw))
+        if settings.instructions != "bank":
+            state.update(instructions=dict(instruction_stats), instructions_seen=state["instructions_seen"] + added)
         files.append(kept, state)
         on_chunk({"rows": len(rows), "raw": state["raw"], "chunk": state["chunk"]})
     files.finish()
-    return {"rows": rows, "drops": dict(drops), "raw": state["raw"], "chunks": state["chunk"]}
+    result = {"rows": rows, "drops": dict(drops), "raw": state["raw"], "chunks": state["chunk"]}
+    return result | {"instructions": {"source": settings.instructions, **dict(sorted(instruction_stats.items()))}}

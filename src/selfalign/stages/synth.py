@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from selfalign import __version__
-from selfalign.config import SelfAlignConfig
+from selfalign.config import InstructionSource, SelfAlignConfig, TeacherKind
 from selfalign.dataops.report import build_report, plot_report
 from selfalign.dataops.synth import RunFiles, SynthSettings, synthesize
 from selfalign.errors import SelfAlignError
@@ -50,6 +50,13 @@ def check_existing(out: Path, persona_id: str, config_hash: str, overwrite: bool
     return None
 
 
+def instruction_source(cfg: SelfAlignConfig) -> InstructionSource:
+    """`synth.instructions`, or its default for the teacher: an endpoint writes its own, a local model uses the bank."""
+    if cfg.synth.instructions is not None:
+        return cfg.synth.instructions
+    return InstructionSource.teacher if cfg.teacher.kind is TeacherKind.openai else InstructionSource.bank
+
+
 def run(cfg: SelfAlignConfig) -> dict:
     from selfalign.dataops.teacher import build_teacher
 
@@ -69,6 +76,7 @@ def run(cfg: SelfAlignConfig) -> dict:
         dedup_threshold=s.dedup_threshold,
         tox_max=s.tox_max,
         near_miss_per_refusal=s.near_miss_per_refusal,
+        instructions=instruction_source(cfg).value,
         max_chunks=max(4, int(s.n * s.max_chunks_factor / s.chunk_size)),
     )
     teacher_id = cfg.teacher.model or cfg.base_model.name
@@ -132,6 +140,7 @@ def run(cfg: SelfAlignConfig) -> dict:
             chunks=result["chunks"],
             minutes=round(minutes, 2),
             rows_per_minute=round(len(result["rows"]) / max(minutes, 1e-9), 2),
+            instructions=result["instructions"],
         )
         run_dir = Path(cfg.paths.run_dir)
         write_json(report, run_dir / "synth_report.json")
