@@ -331,7 +331,7 @@ def test_a_full_queue_answers_429_with_retry_after(setup):
     _, root, _, tmp = setup
     server = Server(root, tmp, "serve.max_batch=1", "serve.max_queue=1")
     try:
-        body = json.dumps({"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 300})
+        body = json.dumps({"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000})
 
         def post():
             req = urllib.request.Request(
@@ -343,12 +343,23 @@ def test_a_full_queue_answers_429_with_retry_after(setup):
             except urllib.error.HTTPError as e:
                 return e.code, e.headers.get("Retry-After")
 
-        with ThreadPoolExecutor(max_workers=6) as pool:
-            futures = [pool.submit(post) for _ in range(6)]
-            time.sleep(1.0)
-            health = http("GET", f"{server.url}/health")[1]["queue"]
-            outcomes = [f.result() for f in futures]
-        assert health["running"] == 1 and health["waiting"] == 1  # one decoding, one waiting, the rest refused
-        assert sorted(outcomes) == [(200, None), (200, None), *[(429, "1")] * 4]
+        def queue_reaches(running, waiting):  # staged, so the test does not depend on how fast the box is
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                queue = http("GET", f"{server.url}/health")[1]["queue"]
+                if (queue["running"], queue["waiting"]) == (running, waiting):
+                    return True
+                time.sleep(0.01)
+            return False
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            decoding = pool.submit(post)
+            assert queue_reaches(1, 0)  # one decoding
+            waiting = pool.submit(post)
+            assert queue_reaches(1, 1)  # one waiting: the queue is full
+            refused = [post() for _ in range(4)]  # answered at once, while the first still decodes
+            accepted = [decoding.result(), waiting.result()]
+        assert refused == [(429, "1")] * 4
+        assert accepted == [(200, None)] * 2
     finally:
         server.stop()
