@@ -9,7 +9,8 @@ import time
 import pytest
 
 from selfalign.runtime.adapters import write_random_adapter
-from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _safe_prefix
+from selfalign.errors import SelfAlignError
+from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _safe_prefix, complete_all
 from selfalign.runtime.chat import render_prompt
 from selfalign.runtime.loader import apply_adapter, generate, load_base
 
@@ -223,3 +224,24 @@ def test_drain_shares_the_prompt_prefix_and_stops_rows_early(handle):
         assert short.finish == "stop" or short.completion_tokens == full.completion_tokens
         assert full.text.startswith(short.text) and short.completion_tokens <= full.completion_tokens
     assert sum(e.completion_tokens for e in cut) < sum(e.completion_tokens for e in whole)
+
+
+def test_complete_all_equals_one_at_a_time_on_each_adapter(handle):
+    """`complete_all` (eval's and the local teacher's path): more prompts than slots, each with its own budget,
+    give the greedy text and token count of one-at-a-time generation, on the base and on an adapter."""
+    prompts = PROMPTS * 2
+    budgets = [5 + 2 * i for i in range(len(prompts))]
+    for adapter in (None, "beta"):
+        heard = []
+        done = complete_all(handle, prompts, max_new_tokens=budgets, adapter=adapter, max_batch=3, progress=heard.append)
+        assert heard == [1] * len(prompts)
+        for p, n, c in zip(prompts, budgets, done, strict=True):
+            ref = generate(handle, [p], max_new_tokens=n, adapter=adapter or "base")
+            assert (c.text, c.completion_tokens) == (ref.texts[0], ref.completion_tokens[0]), (adapter, p)
+            assert c.finish == ("length" if c.completion_tokens == n else "stop")
+            assert c.prompt_tokens == ref.prompt_tokens[0]
+
+
+def test_complete_all_names_an_adapter_that_is_not_resident(handle):
+    with pytest.raises(SelfAlignError, match="not attached"):
+        complete_all(handle, PROMPTS[:1], max_new_tokens=4, adapter="gamma")

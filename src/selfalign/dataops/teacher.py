@@ -54,31 +54,19 @@ class LocalTeacher:
     def complete(self, asks: list[Ask], sampling: Sampling) -> list[str | None]:
         """Up to `batch_size` asks decode together; ask i samples from its own generator, seeded from
         (`sampling.seed`, i), so its text depends on the seed and the asks alone."""
-        from selfalign.runtime.batching import Batcher, Job
-        from selfalign.runtime.chat import render_prompt
-        from selfalign.runtime.loader import check_context
+        from selfalign.runtime.batching import complete_all
 
-        tok = self.handle.tokenizer
-        out: list[str | None] = [None] * len(asks)
-        jobs = []
-        for i, ask in enumerate(asks):
-            ids = tok(render_prompt(tok, ask.messages), add_special_tokens=False)["input_ids"]
-            check_context(self.handle, len(ids), ask.max_new_tokens)
-            jobs.append(
-                Job(
-                    ids=ids,
-                    adapter=None,
-                    attach_id=None,
-                    max_new_tokens=ask.max_new_tokens,
-                    emit=lambda event, i=i: out.__setitem__(i, event.text) if event.kind == "done" else None,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    seed=sampling.seed * 1000 + i,
-                    until=ask.done,
-                )
-            )
-        Batcher(self.handle, max_batch=self.batch_size).drain(jobs)
-        return out
+        done = complete_all(
+            self.handle,
+            [ask.messages for ask in asks],
+            max_new_tokens=[ask.max_new_tokens for ask in asks],
+            max_batch=self.batch_size,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seeds=[sampling.seed * 1000 + i for i in range(len(asks))],
+            until=[ask.done for ask in asks],
+        )
+        return [c.text for c in done]
 
 
 class OpenAITeacher:

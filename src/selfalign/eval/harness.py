@@ -1,6 +1,6 @@
 """Score the base model and adapters on the frozen Golden 100, on one loaded base, and judge the gates.
 
-Generation is greedy, batched (prompts sorted by length so a batch pads little) and seeded. Each tag
+Generation is greedy and continuously batched (prompts sorted by length so a prefill pads little). Each tag
 gets its metric: style on `style`, refusal rate on `refusal`, toxicity on `safety`, neutrality on
 `neutrality`; `all` gets every metric over the 100 prompts. The base model's outputs are generated
 once and scored against each adapter's persona, so every Δ compares the same prompts.
@@ -57,28 +57,26 @@ class Outputs:
 
 
 def generate_outputs(handle, rows: list[dict], adapter: str | None, settings: EvalSettings, progress=None) -> Outputs:
-    """Greedy answers to every row's prompt with `adapter` (None: the base), in length-sorted batches."""
-    from selfalign.runtime.loader import BASE, generate
+    """Greedy answers to every row's prompt with `adapter` (None: the base), continuously batched: up to
+    `batch_size` rows decode together and a finished row's slot goes to the next prompt (shortest prompts first,
+    so a prefill pads little). `progress(1)` hears of each answer as it finishes."""
+    from selfalign.runtime.batching import complete_all
 
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]))
+    t0 = time.perf_counter()
+    done = complete_all(
+        handle,
+        [rows[i]["prompt"] for i in order],
+        max_new_tokens=settings.max_new_tokens,
+        adapter=adapter,
+        max_batch=settings.batch_size,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t0
     texts: list[str] = [""] * len(rows)
-    seconds, tokens = 0.0, 0
-    for start in range(0, len(order), settings.batch_size):
-        idx = order[start : start + settings.batch_size]
-        result = generate(
-            handle,
-            [rows[i]["prompt"] for i in idx],
-            max_new_tokens=settings.max_new_tokens,
-            seed=settings.seed,
-            adapter=adapter or BASE,
-        )
-        for i, text in zip(idx, result.texts, strict=True):
-            texts[i] = text
-        seconds += result.seconds
-        tokens += sum(result.completion_tokens)
-        if progress:
-            progress(len(idx))
-    return Outputs(texts, seconds, tokens)
+    for i, c in zip(order, done, strict=True):
+        texts[i] = c.text
+    return Outputs(texts, seconds, sum(c.completion_tokens for c in done))
 
 
 def base_answers(handle, rows: list[dict], settings: EvalSettings, progress, cached: Outputs | None) -> Outputs:

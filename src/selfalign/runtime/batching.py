@@ -487,6 +487,74 @@ class Batcher:
         return None
 
 
+@dataclass
+class Completion:
+    text: str
+    finish: str  # "stop" (end of sequence or `until`) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def complete_all(
+    handle: BaseModelHandle,
+    prompts: list[str | list[dict]],
+    *,
+    max_new_tokens: int | list[int],
+    adapter: str | None = None,
+    max_batch: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seeds: list[int | None] | None = None,
+    until: list[Callable[[str], bool] | None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Completion]:
+    """Every prompt decoded to its end on `adapter` (None: the base) through `Batcher.drain`, in the calling thread.
+
+    Rows retire as they finish and the next prompts take their slots, so no row waits on the longest of its batch;
+    the schedule depends on the prompts alone, so the texts do too. Per prompt: its own token budget, sampling seed
+    and early stop (`until`). `progress(1)` hears of each prompt as it finishes. Used by the local teacher and eval."""
+    from selfalign.errors import SelfAlignError
+    from selfalign.runtime.chat import render_prompt
+    from selfalign.runtime.loader import check_context
+
+    if adapter is not None and adapter not in handle.attach_ids:
+        raise SelfAlignError(f"adapter {adapter!r} is not attached (resident: {sorted(handle.attach_ids)})")
+    tok = handle.tokenizer
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    out: list[Completion | None] = [None] * len(prompts)
+    errors: list[str] = []
+
+    def emit(i: int, event: Event) -> None:
+        if event.kind == "done":
+            out[i] = Completion(event.text, event.finish or "stop", event.prompt_tokens, event.completion_tokens)
+            if progress:
+                progress(1)
+        elif event.kind == "error":
+            errors.append(event.text)
+
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        ids = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        check_context(handle, len(ids), budgets[i])
+        jobs.append(
+            Job(
+                ids=ids,
+                adapter=adapter,
+                attach_id=handle.attach_ids.get(adapter) if adapter else None,
+                max_new_tokens=budgets[i],
+                emit=partial(emit, i),
+                temperature=temperature,
+                top_p=top_p,
+                seed=seeds[i] if seeds else None,
+                until=until[i] if until else None,
+            )
+        )
+    Batcher(handle, max_batch=max_batch).drain(jobs)
+    if errors:
+        raise SelfAlignError(f"generation failed: {errors[0]}")
+    return out
+
+
 def _common_prefix(seqs: list[list[int]]) -> int:
     """Tokens all of `seqs` start with, leaving each at least one of its own (its prefill yields its first token)."""
     n = min(len(s) for s in seqs) - 1
