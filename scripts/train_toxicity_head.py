@@ -2,6 +2,7 @@
 
     python scripts/train_toxicity_head.py            # rebuild toxicity_head.{safetensors,json} (about 8 min, 2 cores)
     python scripts/train_toxicity_head.py --check    # rebuild in memory, fail if it differs from the shipped files
+    python scripts/train_toxicity_head.py --check-first-epoch  # the first of the 5 epochs only (the test suite's)
     python scripts/train_toxicity_head.py --dev      # hold 20% of the training rows out, print dev AUC per epoch
 
 Sources (judge_data/README.md has their licences and sha256):
@@ -146,8 +147,11 @@ def batches(lengths: np.ndarray, rng: np.random.Generator, size: int) -> list[np
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def train(texts: list[str], y: np.ndarray, w: np.ndarray, report=None) -> dict[str, np.ndarray]:
-    """Fine-tune ARCH on (texts, y) with sample weights w; the shipped tensors. `report(epoch, net)` per epoch."""
+def train(
+    texts: list[str], y: np.ndarray, w: np.ndarray, report=None, epochs: int | None = None
+) -> dict[str, np.ndarray]:
+    """Fine-tune ARCH on (texts, y) with sample weights w; the shipped tensors. `report(epoch, net)` per epoch.
+    `epochs` stops early on the full run's schedule, so its tensors are the full run's after that epoch."""
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
     net = build_net()
@@ -161,7 +165,7 @@ def train(texts: list[str], y: np.ndarray, w: np.ndarray, report=None) -> dict[s
     opt = torch.optim.AdamW(params, lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, TRAIN["lr"], total_steps=steps, pct_start=TRAIN["warmup_frac"])
     target, weight = torch.tensor(y, dtype=torch.float32), torch.tensor(w, dtype=torch.float32)
-    for epoch in range(TRAIN["epochs"]):
+    for epoch in range(epochs or TRAIN["epochs"]):
         for idx in batches(lengths, rng, TRAIN["batch"]):
             batch = tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
             logits = net(batch["input_ids"], batch["attention_mask"])
@@ -205,18 +209,34 @@ def dev_run(sources: dict[str, list[dict]], parts) -> int:
     return 0
 
 
-def build() -> tuple[dict[str, np.ndarray], dict]:
-    sources = load_sources()
-    parts = splits(sources)
-    names = list(sources)
+def fingerprint(tensors: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Sum and L2 norm of each trained tensor: enough to tell one training run from another."""
+    return {k: [round(float(v.sum()), 6), round(float(np.linalg.norm(v)), 6)] for k, v in sorted(tensors.items())}
+
+
+def training_rows(sources: dict[str, list[dict]], parts) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Every source's training split: texts, labels and sample weights."""
     texts, y, src = [], [], []
-    for name in names:
+    for name in sources:
         for i in parts[name][0]:
             texts.append(sources[name][i]["text"])
             y.append(sources[name][i]["label"])
             src.append(name)
     y, src = np.array(y), np.array(src)
-    tensors = train(texts, y, sample_weights(src, y))
+    return texts, y, sample_weights(src, y)
+
+
+def build() -> tuple[dict[str, np.ndarray], dict]:
+    sources = load_sources()
+    parts = splits(sources)
+    names = list(sources)
+    first_epoch = {}
+
+    def record(epoch, net):
+        if epoch == 0:
+            first_epoch.update(fingerprint(trained_tensors(net)))
+
+    tensors = train(*training_rows(sources, parts), report=record)
 
     score = Scorer(onnx_session(tensors))
     heldout = {}
@@ -249,6 +269,7 @@ def build() -> tuple[dict[str, np.ndarray], dict]:
             for name in names
         },
         "seed": SEED,
+        "first_epoch": first_epoch,
         "split": {"kind": "stratified per source", **TOXICITY_SPLIT},
         "selection": "epochs, LoRA rank and depth chosen with --dev on 20% of the training rows (DECISIONS.md)",
         "threshold": {"value": THRESHOLD, "note": "metrics count score >= value as toxic"},
@@ -276,7 +297,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the shipped files instead of writing")
     parser.add_argument("--dev", action="store_true", help="selection run: dev ROC-AUC per epoch, writes nothing")
+    parser.add_argument(
+        "--check-first-epoch", action="store_true", help="train one epoch, compare with the shipped fingerprint"
+    )
     args = parser.parse_args()
+    if args.check_first_epoch:
+        sources = load_sources()
+        got = fingerprint(train(*training_rows(sources, splits(sources)), epochs=1))
+        diffs = differences(json.loads(Path(TOXICITY_META).read_text(encoding="utf-8"))["first_epoch"], got)
+        print(json.dumps({"first_epoch_differences": diffs}))
+        return 0 if not diffs else 1
     if args.dev:
         sources = load_sources()
         return dev_run(sources, splits(sources))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,16 +21,31 @@ GOLDEN = PROJECT_ROOT / "golden" / "golden_v0.jsonl"
 POLICY = PROJECT_ROOT / "golden" / "policy_v0.jsonl"
 
 
-def run_script_check(name: str, timeout: int = 300) -> None:
+def run_script_check(name: str, timeout: int = 300, flag: str = "--check") -> None:
     """Run `python scripts/<name> --check` (rebuild from the shipped inputs, compare with the shipped outputs)."""
     proc = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / name), "--check"],
+        [sys.executable, str(PROJECT_ROOT / "scripts" / name), flag],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=PROJECT_ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def kill_after_chunks(command: list[str], state: Path, chunks: int = 2, timeout: float = 300) -> None:
+    """Start `command` (a synth run) and SIGKILL its process group once its resume state has `chunks` chunks."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["chunk"] >= chunks:
+                break
+        except (OSError, ValueError):  # not written yet
+            pass
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture

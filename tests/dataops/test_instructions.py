@@ -5,14 +5,11 @@ against a scripted OpenAI-compatible stand-in (malformed JSONL, duplicates, leak
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,7 +20,7 @@ from selfalign.dataops.synth import load_bank
 from selfalign.eval.golden import load_golden
 from selfalign.eval.metrics import refusal_detect
 from selfalign.utils.hashing import sha256_file
-from tests.conftest import GOLDEN
+from tests.conftest import GOLDEN, kill_after_chunks
 from tests.servers import Server
 
 GOLDEN_PROMPT = load_golden(GOLDEN)[0]["prompt"]
@@ -175,14 +172,7 @@ def test_killed_run_with_teacher_instructions_resumes_byte_identical(scripted, t
     out = tmp_path / "killed.jsonl"
     state = out.with_name(out.name + ".state.json")
     command = synth_command(scripted, out, tmp_path, "synth.n=40")
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if state.exists() and json.loads(state.read_text())["chunk"] >= 2:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_chunks(command, state)
     assert not out.exists() and json.loads(state.read_text())["instructions_seen"]
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -436,8 +436,10 @@ def test_embed_shape_and_norm():
 
 @pytest.mark.slow
 def test_training_script_reproduces_shipped_head():
-    """Retrains the judge from the shipped data (about 9 minutes on 2 cores) and compares tensors and numbers."""
-    run_script_check("train_toxicity_head.py", timeout=2400)
+    """Retrains the judge's first epoch from the shipped data on the shipped schedule and compares each tensor's sum
+    and norm with those the shipped run recorded after that epoch. The whole rebuild (`--check`, about 9 minutes on
+    2 cores) would take a third of CI's time budget; one epoch runs the same code on the same data and order."""
+    run_script_check("train_toxicity_head.py", timeout=1200, flag="--check-first-epoch")
 
 
 @pytest.mark.slow

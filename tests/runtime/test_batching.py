@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from selfalign.runtime.adapters import write_random_adapter
 from selfalign.errors import SelfAlignError
+from selfalign.runtime.adapters import write_random_adapter
 from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _safe_prefix, complete_all
 from selfalign.runtime.chat import render_prompt
 from selfalign.runtime.loader import apply_adapter, generate, load_base
@@ -233,7 +233,9 @@ def test_complete_all_equals_one_at_a_time_on_each_adapter(handle):
     budgets = [5 + 2 * i for i in range(len(prompts))]
     for adapter in (None, "beta"):
         heard = []
-        done = complete_all(handle, prompts, max_new_tokens=budgets, adapter=adapter, max_batch=3, progress=heard.append)
+        done = complete_all(
+            handle, prompts, max_new_tokens=budgets, adapter=adapter, max_batch=3, progress=heard.append
+        )
         assert heard == [1] * len(prompts)
         for p, n, c in zip(prompts, budgets, done, strict=True):
             ref = generate(handle, [p], max_new_tokens=n, adapter=adapter or "base")

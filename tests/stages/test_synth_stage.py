@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
 
 from selfalign.utils.hashing import sha256_file
-from tests.conftest import run_dirs
+from tests.conftest import kill_after_chunks, run_dirs
 
 FAST = ["stage=synth", "teacher.model=tiny_llama", "synth.chunk_size=8", "synth.style_tau=-1"]
 
@@ -121,14 +118,7 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path):
 
     out = tmp_path / "killed.jsonl"
     state = out.with_name(out.name + ".state.json")
-    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if state.exists() and json.loads(state.read_text())["chunk"] >= 2:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_chunks(command(out), state)
     assert not out.exists() and out.with_name(out.name + ".partial").exists()
     with open(out.with_name(out.name + ".partial"), "a") as fh:
         fh.write('{"id": "torn half-line')  # what a kill in the middle of a write leaves
