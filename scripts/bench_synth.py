@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--baseline-src", type=Path, help="instead: the src/ of another checkout")
     args = parser.parse_args()
 
-    result: dict = {"n": args.n, "torch_threads": os.cpu_count()}
+    result: dict = {"n": args.n, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="bench_synth-") as tmp_s:
         tmp = Path(tmp_s)
         base_src = args.baseline_src.resolve() if args.baseline_src else checkout(args.baseline_rev, tmp / "baseline")
