@@ -187,7 +187,9 @@ def test_synth_asks_the_real_serve_stage_for_instructions(tmp_path):
     server = Server(tmp_path / "adapters", tmp_path)
     try:
         out = tmp_path / "served.jsonl"
-        command = synth_command(f"{server.url}/v1", out, tmp_path, "synth.n=8", "teacher.model=tiny-llama")
+        command = synth_command(
+            f"{server.url}/v1", out, tmp_path, "synth.n=8", "teacher.model=tiny-llama", "teacher.timeout_s=600"
+        )  # a loaded CI box: queued asks wait on the tiny model
         proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     finally:
         server.stop()
