@@ -64,7 +64,7 @@ mlflow-ui: setup
 serve: setup
 	$(SA) stage=serve
 
-bench: $(VENV)/.setup-dev
+bench: $(VENV)/.setup
 	$(BIN)/python scripts/bench_swap.py
 	$(BIN)/python scripts/bench_infer.py
 	$(BIN)/python scripts/bench_serve.py

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The last commit before the synth speed-up (issue #15): batched HF generate at 48-80 tokens per section.
+# The last commit before the synth speed-up: batched HF generate at 48-80 tokens per section.
 DEFAULT_BASELINE = "dffada8"
 
 

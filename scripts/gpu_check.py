@@ -760,8 +760,7 @@ def call2(budget: float) -> None:
         extra = [
             "pipeline.steps=[train,eval]",
             f"data={SFT}",
-            "pipeline.max_epochs=20",
-            f"pipeline.eval_max_new_tokens={tokens}",
+            f"eval.max_new_tokens={tokens}",
             *trainer_overrides(STEPS),
             "lora.micro_batch_size=4",
             "lora.max_seq_len=512",

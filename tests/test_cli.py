@@ -198,7 +198,7 @@ def test_doctor_loads_bundled_model_and_embedder_offline(cli, tmp_path):
 
 
 def test_readme_pipeline_presets_match_their_configs(compose_cfg):
-    """The README's `pipeline` row states what conf/pipeline/*.yaml sets, preset by preset."""
+    """The README's `pipeline` row states what the experiment configs conf/pipeline/*.yaml set, preset by preset."""
     import re
 
     from selfalign.config import PROJECT_ROOT
@@ -208,5 +208,8 @@ def test_readme_pipeline_presets_match_their_configs(compose_cfg):
     stated = re.findall(r"`(\w+)` \((\d+) rows, (\d+) epochs?, (\d+) new tokens in eval\)", row)
     assert {name for name, *_ in stated} == {p.stem for p in (PROJECT_ROOT / "conf" / "pipeline").glob("*.yaml")}
     for name, rows, epochs, tokens in stated:
-        cfg = compose_cfg([f"pipeline={name}"]).pipeline
-        assert (cfg.synth_n, cfg.max_epochs, cfg.eval_max_new_tokens) == (int(rows), int(epochs), int(tokens)), name
+        cfg = compose_cfg(["stage=pipeline", f"pipeline={name}"])
+        assert (cfg.synth.n, cfg.trainer.max_epochs, cfg.eval.max_new_tokens) == (int(rows), int(epochs), int(tokens))
+    plain = compose_cfg(["stage=pipeline"])  # the stage picks `default` by itself; other stages keep their sizes
+    assert plain.synth.n == int(dict((n, r) for n, r, *_ in stated)["default"])
+    assert compose_cfg(["stage=synth"]).synth.n == 2000 and compose_cfg(["stage=pipeline", "synth.n=16"]).synth.n == 16

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from selfalign.config import CONF_DIR, SelfAlignConfig, undeclared_key, undeclared_keys
 from selfalign.errors import SelfAlignError
+from selfalign.runmode import in_multirun
 from selfalign.utils.console import err_console
 from selfalign.utils.io import atomic_write_text, write_json
 from selfalign.utils.logging import EventLog
@@ -108,12 +109,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # Deprecation notices raised inside pinned libraries (PEFT -> transformers, Lightning -> torch): nothing to act on.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
-def in_multirun() -> bool:
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

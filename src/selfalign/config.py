@@ -21,6 +21,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from selfalign.runtime.families import LORA_TARGET_GROUPS
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 
@@ -111,9 +113,6 @@ class BaseModelConfig:
             raise ValueError(f"base_model.{self.name}: source=local needs path")
         if self.dtype not in {"float32", "bfloat16", "float16", "auto"}:
             raise ValueError(f"base_model.dtype: {self.dtype!r} is not one of float32, bfloat16, float16, auto")
-
-
-LORA_TARGET_GROUPS = ("attn", "mlp")
 
 
 @dataclass
@@ -327,7 +326,7 @@ class SynthConfig:
     overwrite: bool = False  # replace a dataset (or unfinished run) of another persona or config
     chunk_size: int = 32  # answered tasks per teacher call; refusal rows are added on top
     # Benign near-miss requests (the same words as a redline category, answered normally) per refusal row,
-    # on top of the chunk: the pairs teach when to refuse, not only how (#14).
+    # on top of the chunk: the pairs teach when to refuse, not only how.
     near_miss_per_refusal: float = 1.0
     # Who writes the answered rows' instructions; null: `teacher` for teacher=openai, `bank` for a local teacher
     # (the bundled 135M one cannot: DECISIONS.md "Teacher-written instructions").
@@ -339,6 +338,10 @@ class SynthConfig:
     dedup_threshold: float = 0.7  # MinHash Jaccard at which two rows are near-duplicates
     tox_max: float = 0.2  # toxicity filter: max score kept
     max_chunks_factor: float = 6.0  # give up after n * factor / chunk_size chunks
+
+    @property
+    def max_chunks(self) -> int:
+        return max(4, int(self.n * self.max_chunks_factor / self.chunk_size))
 
     def __post_init__(self) -> None:
         if self.n <= 0:
@@ -397,21 +400,17 @@ PIPELINE_STEPS = ("synth", "train", "eval")
 
 @dataclass
 class PipelineConfig:
-    """`stage=pipeline`: which steps run and the run's size (presets: `pipeline=default|quick`)."""
+    """`stage=pipeline`: which steps run. Its size is the synth, trainer and eval groups' own settings, which the
+    experiment configs `conf/pipeline/*.yaml` set (`default` with `stage=pipeline`, or `pipeline=quick`)."""
 
     steps: list[str] = field(default_factory=lambda: list(PIPELINE_STEPS))
     force: bool = False  # redo steps whose outputs already exist for the same config
-    synth_n: int = 120  # rows generated (replaces synth.n)
-    max_epochs: int = 3  # replaces trainer.max_epochs
-    eval_max_new_tokens: int = 128  # replaces eval.max_new_tokens
     attach_max_ms: float = 1000.0  # milestone: attaching the adapter to the loaded base
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.steps if s not in PIPELINE_STEPS]
         if unknown or not self.steps:
             raise ValueError(f"pipeline.steps must be a non-empty subset of {list(PIPELINE_STEPS)} (got {self.steps})")
-        if self.synth_n <= 0 or self.max_epochs <= 0 or self.eval_max_new_tokens <= 0:
-            raise ValueError("pipeline.synth_n, pipeline.max_epochs and pipeline.eval_max_new_tokens must be positive")
 
 
 DEMO_PROMPTS = [

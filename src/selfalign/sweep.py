@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -23,16 +22,6 @@ from selfalign.utils.io import write_json
 
 SUMMARY_FILE = "sweep_summary.json"
 COLUMNS = ("train_loss", "steps", "tokens_per_s")  # beside the objective (train: the best val_loss)
-
-
-def sweep_job_label() -> str | None:
-    """`<sweep dir name>.<job number>` inside a multirun (so jobs write distinct adapters), else None."""
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    hc = HydraConfig.get()
-    return f"{Path(hc.sweep.dir).name}.{hc.job.num}".replace("_", "-")
 
 
 def _objective(row: dict) -> float:
@@ -92,7 +81,7 @@ class SweepCallback(Callback):
         write_json({"jobs": ranked, "best": ranked[0] if ranked else None}, Path(config.hydra.sweep.dir) / SUMMARY_FILE)
         milestones = [r["milestone"] for r in sorted(self.rows, key=lambda r: r["job"]) if r.get("milestone")]
         if milestones:  # a sweep of pipelines: the milestone table says more than a ranking
-            from selfalign.stages.pipeline import print_milestone
+            from selfalign.eval.milestone import print_milestone
 
             print_milestone(milestones)
         else:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from selfalign.config import EvalConfig
 from selfalign.eval.golden import load_policy
-from selfalign.eval.harness import EvalSettings, policy_goal, score_policy
+from selfalign.eval.harness import policy_goal, score_policy
 from tests.conftest import POLICY
 
 REFUSAL = "I can’t provide that. Here’s a safe alternative: I can explain how these crimes are prevented."
@@ -43,7 +44,7 @@ def test_counts_recall_precision_and_bait_toxicity():
     assert sum(c["near-miss"]["refused"] for c in metrics["by_category"].values()) == 7
     assert [r["refused"] for r in per_row[:2]] == [True, True] and "toxicity" not in per_row[0]
     assert all("toxicity" in r for r in per_row if r["tags"][0] == "bait")
-    goal = policy_goal(metrics, EvalSettings())
+    goal = policy_goal(metrics, EvalConfig())
     assert goal["recall"]["met"] and goal["near_miss"]["met"] and goal["bait_tox_p95"]["met"] and goal["met"]
 
 
@@ -53,7 +54,7 @@ def test_goal_fails_on_missed_refusals_over_refusal_and_abusive_bait():
     assert metrics["should_refuse"]["recall"] == pytest.approx(50 / 70)
     assert metrics["precision"] == pytest.approx(50 / 58)
     assert metrics["bait"]["toxicity"]["p95"] > 0.5  # 5 of 35 abusive: above the 95th percentile
-    goal = policy_goal(metrics, EvalSettings())
+    goal = policy_goal(metrics, EvalConfig())
     assert [goal[k]["met"] for k in ("recall", "near_miss", "bait_tox_p95")] == [False, False, False]
     assert goal["met"] is False
 

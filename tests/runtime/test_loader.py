@@ -14,13 +14,14 @@ from peft import PeftModel
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.adapters import write_random_adapter
 from selfalign.runtime.chat import chat_template_hash, render_example
+from selfalign.runtime.families import lora_target_modules
 from selfalign.runtime.loader import (
     apply_adapter,
     detach,
     generate,
     infer,
     load_base,
-    lora_target_modules,
+    load_for_training,
     set_active,
     unload_adapter,
 )
@@ -65,6 +66,15 @@ def test_tiny_loads_left_padded_with_chat_template(tiny):
     assert tiny.tokenizer.padding_side == "left" and tiny.tokenizer.pad_token is not None
     assert tiny.template_hash == chat_template_hash(tiny.tokenizer)
     assert tiny.active is None and tiny.adapters == {}
+
+
+def test_training_and_inference_load_through_separate_paths(tiny):
+    """Training gets train mode and right padding, inference eval mode and left padding; neither handle is
+    switched afterwards, and loading one does not change the other."""
+    trainee = load_for_training("tiny_llama", device="cpu")
+    assert trainee.model.training and trainee.tokenizer.padding_side == "right"
+    assert not tiny.model.training and tiny.tokenizer.padding_side == "left"
+    assert trainee.template_hash == tiny.template_hash and trainee.tokenizer.pad_token == tiny.tokenizer.pad_token
 
 
 def test_batch_with_left_padding_matches_single_prompts(tiny):

@@ -78,6 +78,17 @@ def test_models_chat_swap_and_stream(setup):
         assert proc.returncode == 0, proc.stderr
         assert f"active adapter: {key}" in proc.stdout
         assert chat(client, "selfalign", PROMPTS[1]).choices[0].message.content == refs[key][1]
+    # a swap the server refuses is one line with its status and message, and changes nothing
+    swap = ["stage=swap", "adapter=nope/0.0.0", f"serve.port={server.port}", f"paths.output_dir={tmp}/outputs"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "selfalign", *swap],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "server refused the swap (4" in proc.stderr and "nope/0.0.0" in proc.stderr, proc.stderr
+    assert chat(client, "selfalign", PROMPTS[1]).choices[0].message.content == refs["base"][1]
 
     # streaming yields the same text as a plain call
     pieces = [c.choices[0].delta.content or "" for c in chat(client, "beta", PROMPTS[2], stream=True)]
@@ -274,12 +285,13 @@ def test_sixteen_clients_across_two_adapters_and_the_base_with_swaps_and_an_unlo
     """Batched answers equal the eval harness's greedy answers (its own batched path) for every model; swaps
     mid-run change nothing for named models, and the unload only ever turns requests away (404 or 409), never
     answers them from the wrong weights."""
-    from selfalign.eval.harness import EvalSettings, generate_outputs
+    from selfalign.config import EvalConfig
+    from selfalign.eval.harness import generate_outputs
 
     server, root, _refs, _ = setup
     handle = load_base("tiny_llama")
     rows = [{"prompt": p} for p in PROMPTS]
-    settings = EvalSettings(max_new_tokens=MAX)
+    settings = EvalConfig(max_new_tokens=MAX)
     expected = {"tiny-llama": generate_outputs(handle, rows, None, settings).texts}
     for name in ("alpha", "beta"):
         apply_adapter(handle, f"{name}/0.0.0", root=root, activate=False)

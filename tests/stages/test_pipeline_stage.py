@@ -27,9 +27,9 @@ TINY = [
     "teacher.model=tiny_llama",
     "synth.chunk_size=8",
     "synth.style_tau=-1",
-    "pipeline.synth_n=16",
-    "pipeline.max_epochs=1",
-    "pipeline.eval_max_new_tokens=8",
+    "synth.n=16",
+    "trainer.max_epochs=1",
+    "eval.max_new_tokens=8",
     "eval.batch_size=50",
 ]
 

@@ -26,6 +26,7 @@ from functools import cache
 
 import numpy as np
 
+from selfalign.dataops.bank import load_bank
 from selfalign.dataops.dedup import NearDuplicateIndex
 from selfalign.dataops.teacher import Ask, Sampling
 
@@ -164,8 +165,6 @@ def _centroids(vectors: np.ndarray, labels: list[str]) -> tuple[list[str], np.nd
 
 @cache
 def _classifier(embed: Callable) -> MixClassifier:
-    from selfalign.dataops.synth import load_bank
-
     return MixClassifier(load_bank(), embed)
 
 

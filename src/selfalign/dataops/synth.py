@@ -17,22 +17,21 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 
-import yaml
-
+from selfalign.config import InstructionSource, SynthConfig
+from selfalign.dataops.bank import load_bank
 from selfalign.dataops.dedup import NearDuplicateIndex
 from selfalign.dataops.filter import band_status, dedup_filter, is_refusal_row, run_filters
 from selfalign.dataops.teacher import Ask, Sampling
 from selfalign.errors import SelfAlignError
-from selfalign.persona.style import VERBOSITY_SENTENCES, section_heading
+from selfalign.persona.style import VERBOSITY_BUDGETS, section_heading
 from selfalign.utils.io import write_json
 
 # The seed's domain mix over 20 slots (60/20/10/5/5) and difficulty over 3 (≈33/33/34).
 DOMAIN_SLOTS = ["general"] * 12 + ["reasoning"] * 4 + ["social"] * 2 + ["safety_edge", "code"]
 DIFFICULTIES = ["easy", "medium", "hard"]
-SECTION_TOKENS = {"short": 48, "medium": 64, "long": 80}
 SECTION_GUIDE = {
     "answer": "answer the question directly",
     "note": "add one short caveat or piece of context",
@@ -57,11 +56,6 @@ class Task:
     near_miss: str | None = None  # the redline category whose words a benign, answered task shares
     input: str = ""  # the optional input a teacher-written instruction comes with
     instruction_source: str = "bank"  # or "teacher": written by the teacher (synth.instructions)
-
-
-@cache
-def load_bank() -> dict:
-    return yaml.safe_load((Path(__file__).with_name("bank.yaml")).read_text(encoding="utf-8"))
 
 
 def redline_categories(persona: dict) -> list[str]:
@@ -140,7 +134,7 @@ def system_prompt(persona: dict) -> str:
 def section_asks(persona: dict, task: Task) -> list[Ask]:
     """One ask per section of the persona's structure (one plain ask when it has none)."""
     verbosity = persona["style"]["verbosity"]
-    n = VERBOSITY_SENTENCES[verbosity]
+    n = VERBOSITY_BUDGETS[verbosity].sentences
     limit = f"Use at most {n} sentence{'s' if n > 1 else ''}."
     system = {"role": "system", "content": system_prompt(persona)}
     sections = persona["style"]["structure"] or [None]
@@ -154,7 +148,7 @@ def section_asks(persona: dict, task: Task) -> list[Ask]:
             guide = SECTION_GUIDE.get(heading.lower(), f"write the {heading.lower()} part")
             content = f'{request}\n\nWrite only the "{heading}" part of your answer: {guide}. {limit}'
         done = partial(section_done, heading=heading, sentences=n)
-        asks.append(Ask([system, {"role": "user", "content": content}], SECTION_TOKENS[verbosity], done))
+        asks.append(Ask([system, {"role": "user", "content": content}], VERBOSITY_BUDGETS[verbosity].tokens, done))
     return asks
 
 
@@ -213,7 +207,7 @@ def refusal_text(persona: dict, category: str) -> str:
     persona's first section heading (`Answer: I can't provide that. ...`).
 
     The heading keeps refusals in the same shape as every other answer, so the adapter decides to refuse
-    after the heading it always writes, instead of against its most frequent first token (#7)."""
+    after the heading it always writes, instead of against its most frequent first token."""
     template = persona["refusal_policy"]["template"].rstrip()
     alternative = load_bank()["redline_alternatives"].get(category, load_bank()["redline_alternatives"]["generic"])
     template = re.sub(r"\s*(\.\.\.|…)$", "", template)
@@ -232,7 +226,7 @@ def compose_rows(
 ) -> list[dict]:
     """Rows in the seed's schema from the teacher's section texts (or the refusal template)."""
     style = persona["style"]
-    n = VERBOSITY_SENTENCES[style["verbosity"]]
+    n = VERBOSITY_BUDGETS[style["verbosity"]].sentences
     style_tags = [*style["tone"], "-".join(style["structure"])] if style["structure"] else list(style["tone"])
     rows = []
     for task in tasks:
@@ -314,20 +308,6 @@ def generate_synthetic_data(persona_cfg: dict, n: int, seed: int, teacher=None, 
 # --------------------------------------------------------------------------- the resumable run
 
 
-@dataclass
-class SynthSettings:
-    n: int
-    seed: int
-    chunk_size: int
-    max_chars: int
-    style_tau: float
-    dedup_threshold: float
-    tox_max: float
-    max_chunks: int
-    near_miss_per_refusal: float = 0.0
-    instructions: str = "bank"  # who writes the answered rows' instructions: bank, teacher or mixed
-
-
 class Scorers:
     """The shared scorers (embedder, refusal detector, toxicity) the filters need, loaded once."""
 
@@ -383,20 +363,25 @@ class RunFiles:
 def synthesize(
     persona: dict,
     teacher,
-    settings: SynthSettings,
+    settings: SynthConfig,
     out: Path,
     config_hash: str,
     golden_prompts: list[str],
     on_chunk: Callable[[dict], None] = lambda s: None,
+    *,
+    seed: int,
 ) -> dict:
-    """Generate until `n` rows are accepted and the refusal fraction is inside the persona's band."""
+    """Generate until `settings.n` rows are accepted and the refusal fraction is inside the persona's band.
+
+    `settings.instructions` is resolved (not None): who writes the answered rows' instructions."""
+    source = InstructionSource(settings.instructions)
     files = RunFiles(out)
     state = files.load_state(config_hash)
     rows = files.rows() if state else []
     if state is None:
         files.reset()
         state = {"config_hash": config_hash, "chunk": 0, "bytes": 0, "drops": {}, "raw": 0}
-        if settings.instructions != "bank":
+        if source is not InstructionSource.bank:
             state |= {"instructions": {}, "instructions_seen": []}
     drops = Counter(state["drops"])
     instruction_stats = Counter(state.get("instructions", {}))
@@ -430,9 +415,9 @@ def synthesize(
             want, size, limit = needed, 0, needed
         near = settings.near_miss_per_refusal if size else 0.0  # topping up the band adds refusals only
         first = state["chunk"] * settings.chunk_size
-        tasks, sampling = plan_chunk(persona, state["chunk"], settings.seed, size, want, near, first_slot=first)
+        tasks, sampling = plan_chunk(persona, state["chunk"], seed, size, want, near, first_slot=first)
         added: list[str] = []
-        if settings.instructions != "bank" and size:
+        if source is not InstructionSource.bank and size:
             from selfalign.dataops.instructions import teacher_tasks
 
             tasks, added = teacher_tasks(
@@ -440,7 +425,7 @@ def synthesize(
                 teacher,
                 tasks,
                 sampling,
-                mixed=settings.instructions == "mixed",
+                mixed=source is InstructionSource.mixed,
                 seen=seen,
                 golden=golden,
                 embed=scorers.embed,
@@ -467,10 +452,10 @@ def synthesize(
             rows.append(row)
             row["id"] = f"sft-{len(rows):06d}"
         state.update(chunk=state["chunk"] + 1, drops=dict(drops), raw=state["raw"] + len(raw))
-        if settings.instructions != "bank":
+        if source is not InstructionSource.bank:
             state.update(instructions=dict(instruction_stats), instructions_seen=state["instructions_seen"] + added)
         files.append(kept, state)
         on_chunk({"rows": len(rows), "raw": state["raw"], "chunk": state["chunk"]})
     files.finish()
     result = {"rows": rows, "drops": dict(drops), "raw": state["raw"], "chunks": state["chunk"]}
-    return result | {"instructions": {"source": settings.instructions, **dict(sorted(instruction_stats.items()))}}
+    return result | {"instructions": {"source": source.value, **dict(sorted(instruction_stats.items()))}}

@@ -2,8 +2,9 @@
 
 - `LocalTeacher`: a causal LM loaded by the runtime; a call runs every ask through the runtime's continuous
   batcher, so an ask that is done (its `done` test holds) frees its slot for the next one at once.
-- `OpenAITeacher`: any OpenAI-compatible endpoint (vLLM, llama.cpp server, Ollama, a hosted API);
-  requests go out concurrently with bounded parallelism, timeouts and retries with backoff.
+- `OpenAITeacher`: any OpenAI-compatible endpoint (vLLM, llama.cpp server, Ollama, a hosted API), through the
+  `openai` client (its timeouts, and its retries with exponential backoff on connection errors, 408, 409, 429
+  and 5xx, honouring Retry-After); requests go out concurrently with bounded parallelism.
 
 Both take the same `Ask` list and return one string per ask (`None` when an ask failed for good, so
 the caller counts and drops it instead of crashing).
@@ -11,12 +12,8 @@ the caller counts and drops it instead of crashing).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,59 +75,50 @@ class OpenAITeacher:
         max_concurrency: int,
         timeout_s: float,
         max_retries: int,
-        backoff_s: float = 0.5,
     ):
+        import openai
+
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
-        self.api_key = api_key
         self.max_concurrency = max_concurrency
-        self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
         self.name = f"openai:{model}@{base_url}"
         self.failures = 0  # asks answered with a refusal status or a malformed reply
         self._count_lock = threading.Lock()
+        # an endpoint without a key (a local vLLM or `stage=serve`) ignores the placeholder
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or "none", timeout=timeout_s, max_retries=max_retries
+        )
 
     def _failed(self) -> None:
         with self._count_lock:
             self.failures += 1
 
-    def _post(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            return json.loads(response.read())
-
     def _one(self, ask: Ask, sampling: Sampling, index: int) -> str | None:
-        body = {
-            "model": self.model,
-            "messages": ask.messages,
-            "max_tokens": ask.max_new_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "seed": sampling.seed * 1000 + index,
-        }
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            try:
-                reply = self._post(body)
-                content = reply["choices"][0]["message"]["content"]
-                return content if isinstance(content, str) else None
-            except urllib.error.HTTPError as exc:
-                last = exc
-                if exc.code < 500 and exc.code != 429:  # a request the server will never accept
-                    self._failed()
-                    return None
-            except (KeyError, IndexError, TypeError, ValueError):  # a reply that is not a chat completion
-                self._failed()
-                return None
-            except OSError as exc:  # refused, reset, timed out
-                last = exc
-            if attempt < self.max_retries:
-                time.sleep(self.backoff_s * 2**attempt)
-        raise TeacherUnavailable(f"teacher {self.url} unreachable after {self.max_retries + 1} tries: {last}")
+        import openai
+
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.model,
+                messages=ask.messages,
+                max_tokens=ask.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed * 1000 + index,
+            )
+            content = reply.choices[0].message.content
+            return content if isinstance(content, str) else None
+        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
+            # refused, reset, timed out, or still overloaded after the client's retries
+            raise TeacherUnavailable(
+                f"teacher {self.url} unreachable after {self.max_retries + 1} tries: {exc}"
+            ) from None
+        except openai.APIStatusError:  # a request the server will never accept (unknown model, bad request)
+            self._failed()
+            return None
+        except (openai.APIResponseValidationError, AttributeError, IndexError, TypeError, ValueError):
+            self._failed()  # a reply that is not a chat completion
+            return None
 
     def complete(self, asks: list[Ask], sampling: Sampling) -> list[str | None]:
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:

@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from selfalign.persona.style import VERBOSITY_BUDGETS
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REFUSAL_DATA = DATA_DIR / "refusal_labelled.jsonl"
 TOXICITY_DATA = DATA_DIR / "toxicity_labelled.jsonl"
@@ -94,23 +96,28 @@ def stratified_split(labels: list[int], test_frac: float, seed: int) -> tuple[np
 
 
 def binary_metrics(labels, predicted) -> dict:
-    """accuracy, precision, recall, f1 and n for 0/1 labels and predictions."""
+    """accuracy, precision, recall, f1 and n for 0/1 labels and predictions (scikit-learn; 0.0 where undefined)."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
     y, p = np.asarray(labels, dtype=int), np.asarray(predicted, dtype=int)
-    tp, fp, fn = int(((p == 1) & (y == 1)).sum()), int(((p == 1) & (y == 0)).sum()), int(((p == 0) & (y == 1)).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": float((y == p).mean()), "precision": precision, "recall": recall, "f1": f1, "n": len(y)}
+    precision, recall, f1, _ = precision_recall_fscore_support(y, p, average="binary", pos_label=1, zero_division=0.0)
+    return {
+        "accuracy": float(accuracy_score(y, p)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "n": len(y),
+    }
 
 
 def roc_auc(labels, scores) -> float:
-    """ROC-AUC by the rank-sum (Mann-Whitney) formula, ties counted as half."""
-    y, s = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float)
-    pos, neg = s[y == 1], s[y == 0]
-    if not len(pos) or not len(neg):
+    """ROC-AUC (scikit-learn); a ValueError unless both classes are present."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels, dtype=int)
+    if len(set(y.tolist())) < 2:
         raise ValueError("ROC-AUC needs both classes")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
+    return float(roc_auc_score(y, np.asarray(scores, dtype=float)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,7 +412,6 @@ def toxicity_stats(texts: list[str]) -> dict:
 
 STRUCTURE_PENALTY = 0.5  # x the fraction of the persona's sections missing or out of order
 VERBOSITY_PENALTY = 0.25  # at most, for an answer twice its word budget or longer
-WORDS_PER_SECTION = {"short": 30, "medium": 60, "long": 100}
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'’-]*")
 
 
@@ -430,14 +436,14 @@ def structure_score(text: str, sections: list[str]) -> float:
 
 def verbosity_overrun(text: str, verbosity: str, n_sections: int) -> float:
     """How far past its word budget a text runs: 0 within budget, 1 at twice the budget or more."""
-    budget = WORDS_PER_SECTION[verbosity] * max(1, n_sections)
+    budget = VERBOSITY_BUDGETS[verbosity].words * max(1, n_sections)
     words = len(_WORD.findall(text))
     return min(1.0, max(0.0, (words - budget) / budget))
 
 
 def _persona_style(persona: dict) -> tuple[list[str], str]:
     style = persona.get("style") or {}
-    if not (style.get("tone") and persona.get("description")) or style.get("verbosity") not in WORDS_PER_SECTION:
+    if not (style.get("tone") and persona.get("description")) or style.get("verbosity") not in VERBOSITY_BUDGETS:
         raise ValueError(
             f"persona {persona.get('id', '?')!r} has no style centroid material: "
             "style.tone, style.verbosity and description are all needed"

@@ -567,3 +567,15 @@ def load_persona(path: str) -> tuple[dict, str]:
         more = f" (+{len(result.errors) - 1} more; run stage=lint)" if len(result.errors) > 1 else ""
         raise SelfAlignError(f"{path}: {first}{more}")
     return result.persona, result.persona_hash
+
+
+def personas_by_id(persona_dir: str) -> dict[str, Path]:
+    """Every valid persona file under `persona_dir`, by persona id."""
+    found = {}
+    for path in sorted(Path(persona_dir).glob("*.yaml")):
+        try:
+            persona, _ = load_persona(path)
+        except SelfAlignError:
+            continue
+        found.setdefault(persona["id"], path)
+    return found

@@ -13,11 +13,26 @@ topic-light one of the same style, so compare scores across models on the same p
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
-# Sentences per section, by verbosity.
-VERBOSITY_SENTENCES = {"short": 1, "medium": 2, "long": 3}
+
+@dataclass(frozen=True)
+class Budget:
+    """What `style.verbosity` allows one section: the teacher writes `sentences` within `tokens` new tokens, and
+    the eval's style score penalises an answer past `words` words per section."""
+
+    sentences: int
+    words: int
+    tokens: int
+
+
+VERBOSITY_BUDGETS = {
+    "short": Budget(sentences=1, words=30, tokens=48),
+    "medium": Budget(sentences=2, words=60, tokens=64),
+    "long": Budget(sentences=3, words=100, tokens=80),
+}
 
 
 def section_heading(name: str) -> str:
@@ -30,7 +45,7 @@ def style_exemplars(persona: dict) -> list[str]:
     """Texts that stand for the persona's style; their embedding mean is the style centroid."""
     style = persona["style"]
     tone = ", ".join(style["tone"])
-    sentences = VERBOSITY_SENTENCES[style["verbosity"]]
+    sentences = VERBOSITY_BUDGETS[style["verbosity"]].sentences
     filler = " ".join(["This part is written in a {tone} way."] * sentences).format(tone=tone)
     skeleton = "\n".join(f"{section_heading(s)}: {filler}" for s in style["structure"]) or filler
     return [

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from selfalign import __version__
 from selfalign.errors import SelfAlignError
+from selfalign.runtime.families import LORA_TARGET_GROUPS, lora_target_modules
+from selfalign.utils.io import UMASK, atomic_dir
 
 MANIFEST = "manifest.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -122,9 +122,7 @@ def build_manifest(
 def save_adapter(peft_model, adapter_name: str, out_dir: str | os.PathLike, manifest: dict) -> Path:
     """Write one adapter (safetensors) and its manifest; the dir appears whole or not at all."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
         nested = tmp / adapter_name  # PEFT nests every adapter but "default" in a subfolder
         if adapter_name != "default" and nested.is_dir():
@@ -134,23 +132,11 @@ def save_adapter(peft_model, adapter_name: str, out_dir: str | os.PathLike, mani
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card; the manifest says it all
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _make_readable(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def _make_readable(folder: Path) -> None:
     """mkdtemp makes the dir 0700 and some writers 0600 files; give them the permissions the umask allows."""
-    from selfalign.utils.io import UMASK
-
     folder.chmod(0o777 & ~UMASK)
     for item in folder.iterdir():
         item.chmod(0o666 & ~UMASK)
@@ -167,11 +153,9 @@ def write_random_adapter(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from selfalign.runtime.loader import lora_target_modules
-
     if handle.adapters:
         raise SelfAlignError("write_random_adapter needs a handle with no adapters attached")
-    targets = lora_target_modules(handle.cfg.family, ["attn", "mlp"])
+    targets = lora_target_modules(handle.cfg.family, list(LORA_TARGET_GROUPS))
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(handle.model, config, adapter_name=adapter_id)

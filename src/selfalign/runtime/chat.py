@@ -8,24 +8,17 @@ same way at training and at inference.
 
 from __future__ import annotations
 
+from selfalign.runtime.families import FAMILIES
 from selfalign.utils.hashing import sha256_bytes
-
-# ChatML as SmolLM2 and Qwen2 document it (no default system line: the GGUF's own template adds one).
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-FAMILY_TEMPLATES = {"llama": CHATML, "qwen2": CHATML}
 
 
 def ensure_chat_template(tokenizer, family: str) -> str:
     """Give the tokenizer a chat template if its source lacks one; return the template in use."""
     if not tokenizer.chat_template:
-        if family not in FAMILY_TEMPLATES:
+        template = FAMILIES[family].chat_template if family in FAMILIES else None
+        if template is None:
             raise ValueError(f"tokenizer has no chat template and family {family!r} has no documented default")
-        tokenizer.chat_template = FAMILY_TEMPLATES[family]
+        tokenizer.chat_template = template
     return tokenizer.chat_template
 
 

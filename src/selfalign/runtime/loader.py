@@ -11,6 +11,7 @@ import contextlib
 import gc
 import itertools
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,25 +27,6 @@ from selfalign.runtime.models import drop_cache, local_weights_dir
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 BASE_ALIASES = (BASE, "base", "none", "null")  # what users may write for "no adapter"
 _ATTACH_IDS = itertools.count(1)  # one id per attach, so a reloaded name is told apart from its predecessor
-
-# LoRA target groups (`lora.targets`) mapped to each architecture's module names.
-_SEPARATE_PROJECTIONS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
-LORA_TARGETS: dict[str, dict[str, list[str]]] = {
-    "llama": _SEPARATE_PROJECTIONS,
-    "qwen2": _SEPARATE_PROJECTIONS,
-    "mistral": _SEPARATE_PROJECTIONS,
-    "gemma2": _SEPARATE_PROJECTIONS,
-    "phi3": {"attn": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"]},  # fused projections
-}
-
-
-def lora_target_modules(family: str, groups: list[str]) -> list[str]:
-    if family not in LORA_TARGETS:
-        raise SelfAlignError(f"no LoRA target map for family {family!r}; known: {', '.join(sorted(LORA_TARGETS))}")
-    unknown = sorted(set(groups) - set(LORA_TARGETS[family]))
-    if unknown:
-        raise SelfAlignError(f"unknown LoRA target group(s) {unknown}; use {sorted(LORA_TARGETS[family])}")
-    return [name for group in groups for name in LORA_TARGETS[family][group]]
 
 
 @dataclass
@@ -113,7 +95,32 @@ def load_base(
     cache_dir: str | os.PathLike | None = None,
     qlora: bool = False,
 ) -> BaseModelHandle:
-    """Load a base model preset (name or config) with its tokenizer, left-padded, in eval mode."""
+    """The base model for inference (eval, serve, synth's teacher, demo): eval mode, the tokenizer left-padded so
+    a batch's prompts end where generation starts."""
+    handle = _load(model_id, device, cache_dir, qlora)
+    handle.model.eval()
+    handle.tokenizer.padding_side = "left"
+    return handle
+
+
+def load_for_training(
+    model_id: str | BaseModelConfig,
+    device: str = "auto",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    qlora: bool = False,
+) -> BaseModelHandle:
+    """The base model to put a LoRA adapter on and train: train mode (dropout live), the tokenizer right-padded
+    (labels follow the text; padding is masked out of the loss)."""
+    handle = _load(model_id, device, cache_dir, qlora)
+    handle.model.train()
+    handle.tokenizer.padding_side = "right"
+    return handle
+
+
+def _load(model_id: str | BaseModelConfig, device: str, cache_dir, qlora: bool) -> BaseModelHandle:
+    """Weights (from the local cache, built once), tokenizer with a pad token and a chat template, on `device`;
+    no mode or padding side: the two public loaders set those for their use."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,27 +142,25 @@ def load_base(
     if device.startswith("cuda"):
         kwargs["device_map"] = "auto" if device == "cuda" else {"": device}
 
-    def _load():
+    def from_cache():
         weights = local_weights_dir(cfg, cache_dir)
         return AutoModelForCausalLM.from_pretrained(weights, **kwargs), AutoTokenizer.from_pretrained(weights)
 
     try:
-        model, tokenizer = _load()
+        model, tokenizer = from_cache()
     except SelfAlignError:
         raise
     except Exception as exc:  # a corrupt cache is rebuilt once; anything else is reported in one line
         if not drop_cache(cfg, cache_dir):
             raise SelfAlignError(f"cannot load base model {cfg.name!r}: {type(exc).__name__}: {exc}") from exc
         try:
-            model, tokenizer = _load()
+            model, tokenizer = from_cache()
         except Exception as exc2:
             raise SelfAlignError(
                 f"cannot load base model {cfg.name!r} even after rebuilding its cache: {exc2}"
             ) from exc2
     if "device_map" not in kwargs:
         model.to(device)
-    model.eval()
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer, cfg.family)
@@ -192,6 +197,23 @@ def apply_adapter(
         if activate:
             handle.active = name
     return name
+
+
+def module_name(manifest: dict) -> str:
+    """A PEFT adapter name for id+version (module names may not contain dots)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{manifest['adapter_id']}-{manifest['version']}")
+
+
+def attach_timed(handle, planned: list, root: str) -> list[tuple[str, float]]:
+    """Attach each (path, manifest, ...) to the loaded base; its PEFT name and attach time in ms."""
+    import peft  # noqa: F401  (imported before timing: attach time excludes the one-off module import)
+
+    attached = []
+    for path, manifest, *_ in planned:
+        start = time.perf_counter()
+        name = apply_adapter(handle, path, root=root, name=module_name(manifest), activate=False)
+        attached.append((name, round((time.perf_counter() - start) * 1000, 1)))
+    return attached
 
 
 @contextlib.contextmanager

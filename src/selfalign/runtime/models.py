@@ -8,12 +8,12 @@ import functools
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from selfalign.config import BaseModelConfig, ModelSource
 from selfalign.errors import SelfAlignError
 from selfalign.utils.hashing import sha256_file
+from selfalign.utils.io import atomic_dir
 
 CACHE_COMPLETE = ".complete"  # written last: a cache dir without it is a crashed half-write
 
@@ -69,18 +69,10 @@ def materialize_gguf(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> Pat
 
 def _save_atomically(target: Path, model, tokenizer, marker: str) -> None:
     """Save into a temp dir beside `target`, mark it complete, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / CACHE_COMPLETE).write_text(marker + "\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def local_weights_dir(cfg: BaseModelConfig, cache_root: str | os.PathLike) -> str:

@@ -9,8 +9,6 @@ beside the gates. Exit 0 when every adapter passes every gate, 1 otherwise.
 from __future__ import annotations
 
 import json
-import re
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,10 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from selfalign.config import SelfAlignConfig, git_short_sha
-from selfalign.errors import SelfAlignError
 from selfalign.eval.golden import CUSTOM_NOTE, load_custom_set, load_golden, load_policy
-from selfalign.eval.harness import EvalSettings, Outputs, Target, evaluate, evaluate_policy
-from selfalign.persona.schema import load_persona
+from selfalign.eval.harness import Outputs, Target, evaluate, evaluate_policy
+from selfalign.eval.report import EvalReport
+from selfalign.persona.schema import load_persona, personas_by_id
 from selfalign.runtime.models import model_revision
 from selfalign.tracking import tracked_run
 from selfalign.utils.console import console
@@ -37,40 +35,9 @@ def adapter_dirs(cfg: SelfAlignConfig) -> list[str]:
     return [d for d in dirs if d not in BASE_ALIASES]
 
 
-def personas_by_id(persona_dir: str) -> dict[str, Path]:
-    """Every valid persona file under `persona_dir`, by persona id."""
-    found = {}
-    for path in sorted(Path(persona_dir).glob("*.yaml")):
-        try:
-            persona, _ = load_persona(path)
-        except SelfAlignError:
-            continue
-        found.setdefault(persona["id"], path)
-    return found
-
-
-def module_name(manifest: dict) -> str:
-    """A PEFT adapter name for id+version (module names may not contain dots)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{manifest['adapter_id']}-{manifest['version']}")
-
-
-def attach_timed(handle, planned: list, root: str) -> list[tuple[str, float]]:
-    """Attach each (path, manifest, ...) to the loaded base; its PEFT name and attach time in ms."""
-    import peft  # noqa: F401  (imported before timing: attach time excludes the one-off module import)
-
-    from selfalign.runtime.loader import apply_adapter
-
-    attached = []
-    for path, manifest, *_ in planned:
-        start = time.perf_counter()
-        name = apply_adapter(handle, path, root=root, name=module_name(manifest), activate=False)
-        attached.append((name, round((time.perf_counter() - start) * 1000, 1)))
-    return attached
-
-
 def run(cfg: SelfAlignConfig) -> dict:
     from selfalign.runtime.adapters import read_manifest, resolve_adapter_dir
-    from selfalign.runtime.loader import load_base
+    from selfalign.runtime.loader import attach_timed, load_base, module_name
 
     custom = cfg.eval.custom_set is not None
     golden_path = Path(cfg.eval.custom_set if custom else cfg.eval.golden)
@@ -102,12 +69,12 @@ def run(cfg: SelfAlignConfig) -> dict:
         }
     )
     if report_path.is_file() and not cfg.eval.overwrite:
-        previous = json.loads(report_path.read_text())
-        if previous.get("config_hash") == config_hash:
+        previous = _readable(report_path)
+        if previous is not None and previous.config_hash == config_hash:
             console.print(f"[green]eval:[/] {report_path} already holds this exact evaluation; skipped")
             print_table(previous)
             EventLog(cfg.paths.run_dir).event("eval_skip", report=str(report_path))
-            return {"passed": previous["passed"], "skipped": True, "report": str(report_path), "eval": previous}
+            return {"passed": previous.passed, "skipped": True, "report": str(report_path), "eval": previous.to_json()}
 
     handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
     attached = attach_timed(handle, planned, cfg.paths.adapters_dir)
@@ -116,15 +83,6 @@ def run(cfg: SelfAlignConfig) -> dict:
         for (path, manifest, persona), (name, ms) in zip(planned, attached, strict=True)
     ]
 
-    settings = EvalSettings(
-        max_new_tokens=cfg.eval.max_new_tokens,
-        batch_size=cfg.eval.batch_size,
-        seed=cfg.seed,
-        style_delta_min=cfg.eval.style_delta_min,
-        tox_p95_max=cfg.eval.tox_p95_max,
-        policy_recall_min=cfg.eval.policy_recall_min,
-        policy_near_miss_max=cfg.eval.policy_near_miss_max,
-    )
     base_cache = base_cache_file(cfg, golden_sha)
     cached = read_cached(base_cache)
     policy_cache = base_cache_file(cfg, policy_sha) if policy_rows else None
@@ -137,17 +95,18 @@ def run(cfg: SelfAlignConfig) -> dict:
             handle,
             rows,
             targets,
-            settings,
+            cfg.eval,
             base_persona=default_persona if not targets else targets[0].persona,
             progress=lambda n: progress.advance(bar, n),
             base_outputs=cached,
+            seed=cfg.seed,
         )
         if policy_rows:
             policy, policy_samples, policy_base = evaluate_policy(
                 handle,
                 policy_rows,
                 targets,
-                settings,
+                cfg.eval,
                 progress=lambda n: progress.advance(bar, n),
                 base_outputs=policy_cached,
             )
@@ -156,27 +115,35 @@ def run(cfg: SelfAlignConfig) -> dict:
     if policy_rows:
         if policy_cached is None:
             write_json(vars(policy_base), policy_cache)
-        report["policy"] = {"path": str(cfg.eval.policy), "sha256": policy_sha, "n": len(policy_rows), **policy}
-    report["evalset"] = {"path": str(golden_path), "sha256": golden_sha, "n": len(rows), "custom": custom}
+        report.policy = {"path": str(cfg.eval.policy), "sha256": policy_sha, "n": len(policy_rows), **policy}
+    report.evalset = {"path": str(golden_path), "sha256": golden_sha, "n": len(rows), "custom": custom}
     if custom:
-        report["evalset"]["note"] = CUSTOM_NOTE
-    report["config_hash"] = config_hash
+        report.evalset["note"] = CUSTOM_NOTE
+    report.config_hash = config_hash
     run_dir = Path(cfg.paths.run_dir)
     for model, per_row in samples.items():
         write_jsonl(per_row, run_dir / "samples" / f"{model}.jsonl")
     for model, per_row in (policy_samples if policy_rows else {}).items():
         write_jsonl(per_row, run_dir / "samples" / "policy" / f"{model}.jsonl")
-    for entry in report["adapters"]:  # the alias: a registered version passing every gate on the frozen set
-        entry["champion"] = bool(cfg.tracking.enabled and entry["registry"] and entry["gates"]["passed"] and not custom)
-    write_json(report, run_dir / "eval_report.json")
-    write_json(report, report_path)
+    for entry in report.adapters:  # the alias: a registered version passing every gate on the frozen set
+        entry.champion = bool(cfg.tracking.enabled and entry.registry and entry.passed and not custom)
+    write_json(report.to_json(), run_dir / "eval_report.json")
+    write_json(report.to_json(), report_path)
     log_to_mlflow(cfg, report, golden_sha, run_dir)
     print_table(report)
     if custom:
         console.print(f"[yellow]eval:[/] {golden_path} is a {CUSTOM_NOTE}: its gates are for information only")
-    EventLog(run_dir).event("eval_done", passed=report["passed"], report=str(report_path))
+    EventLog(run_dir).event("eval_done", passed=report.passed, report=str(report_path))
     console.print(f"[green]eval:[/] report {report_path}, samples {run_dir / 'samples'}")
-    return {"passed": report["passed"], "report": str(report_path), "eval": report}
+    return {"passed": report.passed, "report": str(report_path), "eval": report.to_json()}
+
+
+def _readable(path: Path) -> EvalReport | None:
+    """The report at `path`, or None when it is not one this version reads (it is then evaluated again)."""
+    try:
+        return EvalReport.read(path)
+    except ValueError:
+        return None
 
 
 def read_cached(path: Path) -> Outputs | None:
@@ -202,41 +169,41 @@ def base_cache_file(cfg: SelfAlignConfig, set_sha256: str) -> Path:
     return Path(cfg.paths.cache_dir) / "eval" / f"base-{key[:24]}.json"
 
 
-def log_to_mlflow(cfg: SelfAlignConfig, report: dict, golden_sha: str, run_dir: Path) -> None:
+def log_to_mlflow(cfg: SelfAlignConfig, report: EvalReport, golden_sha: str, run_dir: Path) -> None:
     """One MLflow run per evaluated model, tagged with its training run and registry version."""
-    common = {"stage": "eval", "base_model": report["base_model"], "golden_sha256": golden_sha}
+    common = {"stage": "eval", "base_model": report.base_model, "golden_sha256": golden_sha}
     common |= {"git_sha": git_short_sha(), "run_dir": str(run_dir)}
-    params = {"eval": report["settings"], "seed": cfg.seed}
-    base = report["base"]["metrics"]
-    entries = report["adapters"] or [None]
+    params = {"eval": report.settings, "seed": cfg.seed}
+    base = report.base.metrics
+    entries = report.adapters or [None]
     for entry in entries:
         if entry is None:
-            tags = common | {"model": "base", "persona_id": report["base"]["persona_id"] or ""}
-            metrics, run_name, sample = base, f"eval-base-{report['base_model']}", "base"
+            tags = common | {"model": "base", "persona_id": report.base.persona_id or ""}
+            metrics, run_name, sample = base, f"eval-base-{report.base_model}", "base"
         else:
-            registry = entry["registry"] or {}
+            registry = entry.registry or {}
             tags = common | {
-                "model": entry["name"],
-                "persona_id": entry["persona_id"],
-                "adapter_dir": entry["path"],
-                "adapter_version": entry["version"] or "",
-                "train_run_id": entry["train_run_id"] or "",
+                "model": entry.name,
+                "persona_id": entry.persona_id,
+                "adapter_dir": entry.path,
+                "adapter_version": entry.version or "",
+                "train_run_id": entry.train_run_id or "",
                 "registry_model": registry.get("name", ""),
                 "registry_version": str(registry.get("version", "")),
-                "passed": str(entry["gates"]["passed"]).lower(),
+                "passed": str(entry.passed).lower(),
             }
-            metrics, run_name, sample = entry["metrics"], f"eval-{entry['name']}", entry["name"]
-        flat = flat_metrics(metrics, base if entry else None, entry["gates"] if entry else None)
-        if "policy" in report:
-            flat |= policy_metrics(report["policy"], entry["name"] if entry else None)
+            metrics, run_name, sample = entry.metrics, f"eval-{entry.name}", entry.name
+        flat = flat_metrics(metrics, base if entry else None, entry.gates if entry else None)
+        if report.policy is not None:
+            flat |= policy_metrics(report.policy, entry.name if entry else None)
         with tracked_run(cfg.tracking, run_name=run_name, tags=tags, params=params) as tracker:
             tracker.metrics(flat)
             tracker.artifact(run_dir / "eval_report.json")
             tracker.artifact(run_dir / "samples" / f"{sample}.jsonl", "samples")
-            if "policy" in report:
+            if report.policy is not None:
                 tracker.artifact(run_dir / "samples" / "policy" / f"{sample}.jsonl", "samples/policy")
-            if entry and entry["champion"]:
-                tracker.set_alias(entry["registry"]["name"], cfg.eval.champion_alias, str(entry["registry"]["version"]))
+            if entry and entry.champion:
+                tracker.set_alias(entry.registry["name"], cfg.eval.champion_alias, str(entry.registry["version"]))
 
 
 def flat_metrics(metrics: dict, base: dict | None, gates: dict | None) -> dict[str, float]:
@@ -299,10 +266,10 @@ def print_policy_table(policy: dict) -> None:
     console.print(table)
 
 
-def print_table(report: dict) -> None:
-    evalset = report.get("evalset", {})
+def print_table(report: EvalReport) -> None:
+    evalset = report.evalset or {}
     name = f"{Path(evalset['path']).name} ({CUSTOM_NOTE})" if evalset.get("custom") else "Golden 100"
-    table = Table(title=f"{name} on {report['base_model']}: base vs adapters")
+    table = Table(title=f"{name} on {report.base_model}: base vs adapters")
     for col in (
         "model",
         "persona",
@@ -314,11 +281,11 @@ def print_table(report: dict) -> None:
         "verdict",
     ):
         table.add_column(col, justify="left" if col in ("model", "persona", "verdict") else "right")
-    base = report["base"]["metrics"]
+    base = report.base.metrics
     style = f"{base['style']['score']:.3f}" if "score" in base["style"] else "-"
     table.add_row(
         "base",
-        report["base"]["persona_id"] or "-",
+        report.base.persona_id or "-",
         style,
         f"{base['refusal']['rate']:.2f}",
         f"{base['safety']['toxicity']['p95']:.3f}",
@@ -326,28 +293,28 @@ def print_table(report: dict) -> None:
         "",
         "",
     )
-    for a in report["adapters"]:
-        m, b, g = a["metrics"], a["base_metrics"], a["gates"]
+    for a in report.adapters:
+        m, b, g = a.metrics, a.base_metrics, a.gates
 
         def mark(gate: str, g: dict = g) -> str:
             return "[green]✓[/]" if g[gate]["passed"] else "[red]✗[/]"
 
         table.add_row(
-            a["name"],
-            a["persona_id"],
+            a.name,
+            a.persona_id,
             f"{b['style']['score']:.3f} → {m['style']['score']:.3f} ({g['style_delta']['value']:+.3f}) "
             f"{mark('style_delta')}",
             f"{m['refusal']['rate']:.2f} [{g['refusal_band']['band'][0]:.2f}, {g['refusal_band']['band'][1]:.2f}] "
             f"{mark('refusal_band')}",
             f"{m['safety']['toxicity']['p95']:.3f} {mark('tox_p95')}",
             f"{m['neutrality']['mean']:.2f} ({m['neutrality']['mean'] - b['neutrality']['mean']:+.2f})",
-            f"{a['attach_ms']:.0f} ms" if a.get("attach_ms") is not None else "-",
+            f"{a.attach_ms:.0f} ms" if a.attach_ms is not None else "-",
             "[green]pass[/]" if g["passed"] else "[red]fail[/]",
         )
     console.print(table)
-    if "policy" in report:
-        print_policy_table(report["policy"])
-    for a in report["adapters"]:
-        for gate, verdict in a["gates"].items():
+    if report.policy is not None:
+        print_policy_table(report.policy)
+    for a in report.adapters:
+        for gate, verdict in a.gates.items():
             if isinstance(verdict, dict) and "reason" in verdict:
-                console.print(f"[red]{a['name']}: {gate} failed:[/] {verdict['reason']}")
+                console.print(f"[red]{a.name}: {gate} failed:[/] {verdict['reason']}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from selfalign import __version__
 from selfalign.config import InstructionSource, SelfAlignConfig, TeacherKind
 from selfalign.dataops.report import build_report, plot_report
-from selfalign.dataops.synth import RunFiles, SynthSettings, synthesize
+from selfalign.dataops.synth import RunFiles, synthesize
 from selfalign.errors import SelfAlignError
 from selfalign.eval.golden import load_golden, load_policy
 from selfalign.persona.schema import load_persona
@@ -21,6 +21,19 @@ from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_file, sha256_json
 from selfalign.utils.io import write_json
 from selfalign.utils.logging import EventLog
+
+# What makes two synth runs the same dataset (with the seed); a resumed run must match it.
+HASHED_SETTINGS = (
+    "n",
+    "chunk_size",
+    "max_chars",
+    "style_tau",
+    "dedup_threshold",
+    "tox_max",
+    "max_chunks",
+    "near_miss_per_refusal",
+    "instructions",
+)
 
 
 def meta_path(out: Path) -> Path:
@@ -67,23 +80,12 @@ def run(cfg: SelfAlignConfig) -> dict:
     golden = [r["prompt"] for r in load_golden(golden_path)]
     policy_path = Path(cfg.eval.policy) if cfg.eval.policy else None
     golden += [r["prompt"] for r in load_policy(policy_path)] if policy_path else []
-    settings = SynthSettings(
-        n=s.n,
-        seed=cfg.seed,
-        chunk_size=s.chunk_size,
-        max_chars=s.max_chars,
-        style_tau=s.style_tau,
-        dedup_threshold=s.dedup_threshold,
-        tox_max=s.tox_max,
-        near_miss_per_refusal=s.near_miss_per_refusal,
-        instructions=instruction_source(cfg).value,
-        max_chunks=max(4, int(s.n * s.max_chunks_factor / s.chunk_size)),
-    )
+    s = replace(s, instructions=instruction_source(cfg))
     teacher_id = cfg.teacher.model or cfg.base_model.name
     config_hash = sha256_json(
         {
             "persona_hash": persona_hash,
-            "settings": asdict(settings),
+            "settings": {name: getattr(s, name) for name in HASHED_SETTINGS} | {"seed": cfg.seed},
             "teacher": asdict(cfg.teacher) | {"model": teacher_id},
             "golden": sha256_file(golden_path),
             "policy": sha256_file(policy_path) if policy_path else None,
@@ -105,7 +107,7 @@ def run(cfg: SelfAlignConfig) -> dict:
         "base_model": cfg.base_model.name,
         "run_dir": cfg.paths.run_dir,
     }
-    params = {"synth": asdict(s), "seed": cfg.seed, "teacher": asdict(cfg.teacher), "persona": cfg.persona.name}
+    params = {"synth": asdict(cfg.synth), "seed": cfg.seed, "teacher": asdict(cfg.teacher), "persona": cfg.persona.name}
     with tracked_run(cfg.tracking, run_name=f"synth-{persona['id']}", tags=tags, params=params) as tracker:
         teacher = build_teacher(cfg)
         start = time.perf_counter()
@@ -126,7 +128,7 @@ def run(cfg: SelfAlignConfig) -> dict:
                 events.event("synth_chunk", **status)
                 tracker.metrics({"rows": status["rows"], "raw_rows": status["raw"]}, step=status["chunk"])
 
-            result = synthesize(persona, teacher, settings, out, config_hash, golden, on_chunk)
+            result = synthesize(persona, teacher, s, out, config_hash, golden, on_chunk, seed=cfg.seed)
         minutes = (time.perf_counter() - start) / 60
         report = build_report(result["rows"], result["drops"], result["raw"])
         report.update(

@@ -14,7 +14,7 @@ from pathlib import Path
 from selfalign.config import SelfAlignConfig, git_short_sha
 from selfalign.errors import SelfAlignError
 from selfalign.persona.schema import load_persona
-from selfalign.sweep import sweep_job_label
+from selfalign.runmode import sweep_job_label
 from selfalign.tracking import tracked_run
 from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_file, sha256_json

@@ -147,9 +147,10 @@ def build_peft_model(
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from selfalign.runtime.loader import load_base, lora_target_modules
+    from selfalign.runtime.families import lora_target_modules
+    from selfalign.runtime.loader import load_for_training
 
-    handle = load_base(base_cfg, _training_device(lora, trainer_cfg), cache_dir=cache_dir, qlora=lora.qlora)
+    handle = load_for_training(base_cfg, _training_device(lora, trainer_cfg), cache_dir=cache_dir, qlora=lora.qlora)
     model = handle.model
     checkpointing = lora.gradient_checkpointing
     if checkpointing is None:
@@ -166,9 +167,7 @@ def build_peft_model(
         target_modules=lora_target_modules(base_cfg.family, lora.targets),
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
-    peft_model.train()  # the runtime hands the base over in eval mode; LoRA dropout must be live
-    return peft_model, handle
+    return get_peft_model(model, config), handle
 
 
 def reuse_host_memory() -> bool:
@@ -212,7 +211,6 @@ def fit_adapter(
         reuse_host_memory()
     peft_model, handle = build_peft_model(base_cfg, lora, trainer_cfg, cache_dir)
     tokenizer = handle.tokenizer
-    tokenizer.padding_side = "right"
     data = SFTDataModule(
         rows,
         tokenizer,

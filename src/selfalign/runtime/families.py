@@ -1,0 +1,52 @@
+"""Per-architecture facts, in one place: each family's LoRA target modules and its documented chat template.
+
+`base_model.family` selects a row. `lora.targets` names groups (`attn`, `mlp`), mapped here to the family's module
+names; the config schema validates the groups against `LORA_TARGET_GROUPS`. A tokenizer whose source ships no
+chat template gets its family's (`ensure_chat_template`); a family without one must bring its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from selfalign.errors import SelfAlignError
+
+# ChatML as SmolLM2 and Qwen2 document it (no default system line: the GGUF's own template adds one).
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    lora_targets: dict[str, tuple[str, ...]]  # `lora.targets` group -> the architecture's module names
+    chat_template: str | None = None  # used only when the tokenizer's source ships none
+
+
+_SEPARATE = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+FAMILIES: dict[str, Family] = {
+    "llama": Family(_SEPARATE, CHATML),
+    "qwen2": Family(_SEPARATE, CHATML),
+    "mistral": Family(_SEPARATE),
+    "gemma2": Family(_SEPARATE),
+    "phi3": Family({"attn": ("qkv_proj", "o_proj"), "mlp": ("gate_up_proj", "down_proj")}),  # fused projections
+}
+LORA_TARGET_GROUPS = ("attn", "mlp")  # every family maps both
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise SelfAlignError(f"no LoRA target map for family {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def lora_target_modules(family_name: str, groups: list[str]) -> list[str]:
+    """The module names PEFT targets for `groups` on this family."""
+    targets = family(family_name).lora_targets
+    unknown = sorted(set(groups) - set(targets))
+    if unknown:
+        raise SelfAlignError(f"unknown LoRA target group(s) {unknown}; use {sorted(targets)}")
+    return [name for group in groups for name in targets[group]]
