@@ -482,7 +482,7 @@ class SelfAlignConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    pipeline: PipelineConfig = MISSING
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     ui: UiConfig = field(default_factory=UiConfig)
     data: str = "${synth.out}"  # stage=train's SFT JSONL (by default the file stage=synth writes)

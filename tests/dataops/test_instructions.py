@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from selfalign.dataops.bank import load_bank
 from selfalign.dataops.instructions import DOMAIN_BRIEF, MixClassifier, parse_instructions
-from selfalign.dataops.synth import load_bank
 from selfalign.eval.golden import load_golden
 from selfalign.eval.metrics import refusal_detect
 from selfalign.utils.hashing import sha256_file

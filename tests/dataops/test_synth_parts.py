@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from selfalign.dataops.bank import load_bank
 from selfalign.dataops.dedup import NearDuplicateIndex, near_duplicate, simhash
 from selfalign.dataops.filter import band_status, dedup_filter, hard_filter, refusal_filter, toxicity_filter
 from selfalign.dataops.synth import (
@@ -13,7 +14,6 @@ from selfalign.dataops.synth import (
     Task,
     clean_section,
     compose_rows,
-    load_bank,
     plan_chunk,
     redline_categories,
     refusal_text,

@@ -9,8 +9,9 @@ from collections import Counter
 
 import pytest
 
+from selfalign.dataops.bank import load_bank
 from selfalign.dataops.dedup import shingles
-from selfalign.dataops.synth import load_bank, redline_categories
+from selfalign.dataops.synth import redline_categories
 from selfalign.errors import SelfAlignError
 from selfalign.eval.golden import (
     COMPOSITION,
