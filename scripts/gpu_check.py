@@ -234,6 +234,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps = args.steps or (2 if args.dry else 20)
         if args.command == "call1" and args.dry and not args.only:
             args.only = "large_qlora,small_lora,pytest_gpu"
+        unknown = set((getattr(args, "only", None) or "").split(",")) - set(ORDER) - {""}
+        if unknown:
+            parser.error(f"--only: unknown run(s) {sorted(unknown)}; choose from {','.join(ORDER)}")
     return args
 
 

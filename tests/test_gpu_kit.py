@@ -90,6 +90,9 @@ def test_options(kit, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_check.parse(["build-models", "m", "t", "qwen2_5_7b"])  # no shape recorded for it
     assert exc.value.code == 2 and "invalid choice: 'qwen2_5_7b'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_check.parse(["call1", "--only", "small_lora,large_lora_x"])
+    assert "unknown run(s) ['large_lora_x']" in capsys.readouterr().err
     assert set(gpu_check.ORDER) == {*gpu_check.TRAIN_RUNS, "pytest_gpu"}
 
 
