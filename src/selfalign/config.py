@@ -133,6 +133,9 @@ class LoraConfig:
     micro_batch_size: int = 4  # rows per forward pass; trainer.accumulate_grad_batches reaches the step size
     max_seq_len: int = 1024  # longer rows are truncated (and counted)
     val_fraction: float = 0.1  # held out by seed for validation loss and early stopping
+    # Times each policy row (a redline refusal or a near-miss answered, by its safety tag) is seen per epoch in
+    # the training split; the dataset, its refusal band and the validation split stay as synthesized.
+    policy_repeat: int = 1
     # Recompute activations in the backward pass: less memory, ~30% more compute. null: on for QLoRA on
     # a GPU (PEFT's k-bit default), off otherwise; true is what bf16 LoRA on a 7-8B base needs to fit 48 GB.
     gradient_checkpointing: bool | None = None
@@ -162,6 +165,8 @@ class LoraConfig:
             )
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"lora.val_fraction must be in (0, 1) (got {self.val_fraction})")
+        if self.policy_repeat < 1:
+            raise ValueError(f"lora.policy_repeat must be >= 1 (got {self.policy_repeat})")
 
 
 # TrainerConfig fields that SelfAlign acts on itself; every other field is a `lightning.pytorch.Trainer` argument.

@@ -4,6 +4,7 @@ crash -> FAILED run -> `resume=true` to the same weights, refusals, QLoRA on CPU
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import lightning.pytorch as pl
 import pytest
@@ -13,7 +14,7 @@ from mlflow import MlflowClient
 from selfalign.app import to_typed
 from selfalign.errors import SelfAlignError
 from selfalign.stages import train
-from selfalign.utils.hashing import sha256_file
+from selfalign.utils.hashing import sha256_file, sha256_json
 from tests.conftest import run_dirs
 from tests.train.helpers import write_sft
 
@@ -121,6 +122,20 @@ def test_same_seed_gives_bit_identical_weights(train_cfg, tmp_path):
     b = train.run(train_cfg(*args, "train.version=0.1.1", run="b"))
     c = train.run(train_cfg(*args, "train.version=0.1.2", "seed=7", run="c"))
     assert a["adapter_sha256"] == b["adapter_sha256"] != c["adapter_sha256"]
+
+
+def test_policy_repeat_at_one_keeps_the_run_hash_adapters_had_before_it(train_cfg):
+    cfg = train_cfg()
+    before = {  # the run hash as it was computed before lora.policy_repeat existed
+        "data": "d",
+        "persona": "p",
+        "base_model": asdict(cfg.base_model),
+        "lora": {k: v for k, v in asdict(cfg.lora).items() if k != "policy_repeat"},
+        "trainer": cfg.trainer.lightning_kwargs(),
+        "seed": cfg.seed,
+    }
+    assert train.training_run_hash(cfg, "d", "p") == sha256_json(before)
+    assert train.training_run_hash(train_cfg("lora.policy_repeat=2"), "d", "p") != sha256_json(before)
 
 
 class CrashAt(pl.Callback):

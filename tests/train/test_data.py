@@ -68,6 +68,36 @@ def test_split_is_ninety_ten_and_fixed_by_seed(tokenizer):
     assert val_a == val_b and val_a != val_c
 
 
+def test_policy_rows_repeat_in_the_training_split_only(tokenizer):
+    rows = sft_rows(50)
+    for i, tag in [
+        (3, "redline:pii"),
+        (8, "near-miss:pii"),
+        (21, "redline:abuse"),
+        (30, "benign"),
+        (44, "near-miss:bio"),
+    ]:
+        rows[i]["metadata"]["safety_tags"] = [tag]
+        rows[i]["instruction"] += f" [{tag}]"
+
+    def setup(repeat):
+        dm = SFTDataModule(
+            rows, tokenizer, max_seq_len=256, micro_batch_size=4, val_fraction=0.1, seed=7, policy_repeat=repeat
+        )
+        dm.setup()
+        texts = [tokenizer.decode(x) for x in dm.train_set["input_ids"]]
+        return texts, [tokenizer.decode(x) for x in dm.val_set["input_ids"]]
+
+    (once, val_once), (thrice, val_thrice) = setup(1), setup(3)
+    assert val_once == val_thrice  # the same validation rows, never repeated
+    policy = [t for t in once if "[redline:" in t or "[near-miss:" in t]
+    in_val = sum("[redline:" in t or "[near-miss:" in t for t in val_once)
+    assert len(policy) == 4 - in_val and len(policy) >= 3
+    assert thrice[: len(once)] == once and len(thrice) == len(once) + 2 * len(policy)
+    assert sorted(thrice[len(once) :]) == sorted(policy * 2)  # each policy row twice more; benign rows once
+    assert sum("[benign]" in t for t in thrice) == sum("[benign]" in t for t in once) <= 1
+
+
 def test_sampler_order_is_seeded_per_epoch_and_resumes_mid_epoch():
     s = ResumableSampler(10, seed=3)
     epoch0 = list(s)

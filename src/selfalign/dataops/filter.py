@@ -54,6 +54,11 @@ def is_refusal_row(row: dict) -> bool:
     return any(tag.startswith("redline") for tag in row.get("metadata", {}).get("safety_tags", []))
 
 
+def is_policy_row(row: dict) -> bool:
+    """Teaches when to refuse: a redline request refused, or a near-miss of one answered (`lora.policy_repeat`)."""
+    return any(tag.startswith(("redline", "near-miss")) for tag in row.get("metadata", {}).get("safety_tags", []))
+
+
 def hard_filter(rows: list[dict], *, max_chars: int, redlines: list[str] = ()) -> FilterReport:
     """v0: non-empty fields, max length, redline terms in answers, JSON round-trip, no markup/control."""
     terms = [t.lower() for t in (*REDLINE_TERMS, *redlines)]

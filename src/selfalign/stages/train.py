@@ -38,6 +38,23 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
+def training_run_hash(cfg: SelfAlignConfig, data_sha: str, persona_hash: str) -> str:
+    """What makes two training runs the same run: an adapter trained with it is not trained again."""
+    recipe = asdict(cfg.lora)
+    if recipe["policy_repeat"] == 1:  # at its neutral value it hashes as before it existed: older adapters still match
+        del recipe["policy_repeat"]
+    return sha256_json(
+        {
+            "data": data_sha,
+            "persona": persona_hash,
+            "base_model": asdict(cfg.base_model),
+            "lora": recipe,
+            "trainer": cfg.trainer.lightning_kwargs(),
+            "seed": cfg.seed,
+        }
+    )
+
+
 def finished_run(out: Path, run_hash: str) -> dict | None:
     """The summary of the adapter at `out` when it was trained with exactly this config, else None."""
     manifest_file, weights = out / "manifest.json", out / "adapter_model.safetensors"
@@ -99,16 +116,7 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
     data_sha = sha256_file(data)
     version = adapter_version(cfg)
     out = adapter_dir(cfg, persona["id"])
-    run_hash = sha256_json(
-        {
-            "data": data_sha,
-            "persona": persona_hash,
-            "base_model": asdict(cfg.base_model),
-            "lora": asdict(cfg.lora),
-            "trainer": cfg.trainer.lightning_kwargs(),
-            "seed": cfg.seed,
-        }
-    )
+    run_hash = training_run_hash(cfg, data_sha, persona_hash)
     done = None if cfg.train.overwrite else finished_run(out, run_hash)
     if done:
         console.print(f"[green]train:[/] {out} already holds this exact run (same data, config, seed); skipped")

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from selfalign.dataops.filter import is_policy_row
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.chat import render_example
 from selfalign.utils.hashing import sha256_json
@@ -134,13 +135,14 @@ class SFTDataModule(pl.LightningDataModule):
         micro_batch_size: int,
         val_fraction: float,
         seed: int,
+        policy_repeat: int = 1,
     ):
         super().__init__()
         if len(rows) < 2:
             raise SelfAlignError(f"need at least 2 SFT rows to hold out a validation split (got {len(rows)})")
         self.rows, self.tokenizer = rows, tokenizer
         self.max_seq_len, self.micro_batch_size = max_seq_len, micro_batch_size
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction, self.seed, self.policy_repeat = val_fraction, seed, policy_repeat
         self.stats = TokenStats()
         self.train_set = self.val_set = None
         self.sampler: ResumableSampler | None = None
@@ -153,10 +155,14 @@ class SFTDataModule(pl.LightningDataModule):
 
         disable_progress_bars()  # one rich progress display for the run, not a bar per map/filter
         keep = ("id", "instruction", "input", "output")
-        ds = Dataset.from_list([{k: str(r.get(k, "")) for k in keep} for r in self.rows])
+        ds = Dataset.from_list([{k: str(r.get(k, "")) for k in keep} | {"policy": is_policy_row(r)} for r in self.rows])
         n_val = max(1, round(len(ds) * self.val_fraction))
         split = ds.train_test_split(test_size=n_val, seed=self.seed, shuffle=True)
-        self.train_set, self.val_set = self._tokenize(split["train"]), self._tokenize(split["test"])
+        train = split["train"]
+        if self.policy_repeat > 1:  # the policy rows again, after the split: none leaks into validation
+            again = [i for i, policy in enumerate(train["policy"]) if policy]
+            train = train.select(list(range(len(train))) + again * (self.policy_repeat - 1))
+        self.train_set, self.val_set = self._tokenize(train), self._tokenize(split["test"])
         if not len(self.train_set) or not len(self.val_set):
             raise SelfAlignError(
                 f"every row's prompt is longer than lora.max_seq_len={self.max_seq_len} tokens; raise it"

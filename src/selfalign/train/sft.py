@@ -218,6 +218,7 @@ def fit_adapter(
         micro_batch_size=lora.micro_batch_size,
         val_fraction=lora.val_fraction,
         seed=seed,
+        policy_repeat=lora.policy_repeat,
     )
     module = LoRASFTModule(
         peft_model,
