@@ -288,6 +288,8 @@ def differences(a, b, path: str = "", tol: float = 1e-4) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(set(a) | set(b))
         return [d for k in keys for d in differences(a.get(k), b.get(k), f"{path}.{k}", tol)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):  # a fingerprint's [sum, norm]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]", tol)]
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return [] if abs(a - b) <= tol else [f"{path}: {a} != {b}"]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]

@@ -310,6 +310,13 @@ def test_contrast_sentences_are_not_suite_cases():
     assert float((embed(contrast) @ embed(suite).T).max()) < 0.80
 
 
+# The judge's int8 matmuls are not the same on every CPU: on AVX2, ONNX Runtime sums u8 x s8 pairs with
+# saturation (VPMADDUBSW), on AVX-512 VNNI exactly. The json holds the AVX2 machine's numbers; an AVX-512 VNNI
+# CPU measured 0.941121 / 0.933304 / 0.978261 / 0.830492 ROC-AUC (Davidson, ToxiGen, ours, contrast), at most
+# 0.00092 away, accuracies at most 0.0083 away, and one case of 20 flips in three suite functions (DECISIONS.md).
+CPU_AUC, CPU_ACC = 2e-3, 1e-2
+
+
 @pytest.fixture(scope="module")
 def heldout():
     """Per source: (labels, shipped scores) on its fixed held-out split, scored as `toxicity_scores` scores."""
@@ -332,8 +339,8 @@ def test_toxicity_heldout_numbers_recompute(heldout):
     for name, (labels, scores) in heldout.items():
         shipped = meta["heldout"][name]
         assert shipped["n"] == len(labels)
-        assert roc_auc(labels, scores) == pytest.approx(shipped["roc_auc"], abs=1e-5), name
-        assert binary_metrics(labels, scores >= 0.5)["accuracy"] == pytest.approx(shipped["accuracy"], abs=1e-5)
+        assert roc_auc(labels, scores) == pytest.approx(shipped["roc_auc"], abs=CPU_AUC), name
+        assert binary_metrics(labels, scores >= 0.5)["accuracy"] == pytest.approx(shipped["accuracy"], abs=CPU_ACC)
         assert shipped["roc_auc"] >= (0.80 if name == "contrast" else 0.90), name
 
 
@@ -345,7 +352,10 @@ def test_functional_suite_recomputes():
     assert len(suite) >= 240 and len({r["function"] for r in suite}) >= 12
     probs = np.array(toxicity_scores([r["text"] for r in suite]))
     meta = json.loads(TOXICITY_META.read_text(encoding="utf-8"))
-    assert trainer.suite_report(probs, suite) == meta["functional_suite"]["accuracy"]
+    got, want = trainer.suite_report(probs, suite), meta["functional_suite"]["accuracy"]
+    assert set(got) == set(want) and all(got[f]["n"] == want[f]["n"] for f in want)
+    for function, record in want.items():  # one case of a function may flip on another CPU (see CPU_AUC)
+        assert abs(got[function]["accuracy"] - record["accuracy"]) <= 1 / record["n"] + 1e-9, function
 
 
 @pytest.mark.slow
@@ -361,7 +371,7 @@ def test_int8_onnx_path_agrees_with_the_torch_model():
     with torch.no_grad():
         fp32 = torch.sigmoid(net(enc["input_ids"], enc["attention_mask"])).numpy()
     int8 = shipped_scorer()(texts)
-    assert np.abs(fp32 - int8).max() < 0.05
+    assert np.abs(fp32 - int8).max() < 0.1  # 0.076 on an AVX-512 VNNI CPU, under 0.05 on AVX2 (see CPU_AUC)
     assert ((fp32 >= 0.5) == (int8 >= 0.5)).all()
 
 

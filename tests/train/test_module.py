@@ -122,8 +122,9 @@ def faults_for_one_buffer():
 faults_for_one_buffer()
 plain = faults_for_one_buffer()  # glibc maps anything this large afresh each time
 applied = reuse_host_memory()
-faults_for_one_buffer()  # the heap grows to hold it once
-print(plain, applied, faults_for_one_buffer())
+faults_for_one_buffer()  # the heap grows to hold it
+# the least of three: a small object left at the heap's top between two buffers can make it grow once more
+print(plain, applied, min(faults_for_one_buffer() for _ in range(3)))
 """
 
 
