@@ -195,8 +195,12 @@ def gate_failure_ok(result: dict, numbers: dict) -> dict:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, budget in (("call1", 360), ("call2", 240)):
-        sub = commands.add_parser(name, help=f"the check's {name[-1]}. device call")
+    calls = {
+        "call1": (360, "install; random models; LoRA and QLoRA training runs; the GPU tests"),
+        "call2": (240, "the judges; pipeline on the small shape; eval of call 1's large QLoRA adapter"),
+    }
+    for name, (budget, what) in calls.items():
+        sub = commands.add_parser(name, help=what)
         sub.add_argument("--dry", action="store_true", help="rehearse on CPU: tiny models, nothing installed")
         sub.add_argument("--work", type=Path, help="work folder (default /tmp/gpucheck, /tmp/gpucheck-dry)")
         sub.add_argument("--site", type=Path, default=Path("/tmp/site"), help="where the wheels are installed")
