@@ -123,9 +123,10 @@ def gpu_tests(check: Check) -> dict:
     return result | {"result": counts[-1].strip("= ") if counts else "", "log_tail": tail(log, 2500)}
 
 
-def scorers(check: Check, log: Path) -> tuple[dict, list[Path]]:
+def scorers(check: Check, log: Path) -> tuple[dict, dict]:
     """The judges' packages: the carried onnx wheels when the machine lacks them, the embedder unpacked to fp32
-    behind a stand-in package; then the judges on it, against the dev machine's numbers."""
+    behind a stand-in package; then the judges on it, against the dev machine's numbers. Returns the report and
+    the environment the eval runs then use."""
     onnx = {"skipped": "the machine has onnxruntime"}
     if not check.dry and not has("onnxruntime"):
         onnx = install(B / "wheels", check.site, log, only_missing=True)
@@ -139,7 +140,7 @@ def scorers(check: Check, log: Path) -> tuple[dict, list[Path]]:
     if got.get("toxicity"):
         diff = max(abs(a - b) for a, b in zip(got["toxicity"], SCORER_REFERENCE["toxicity"], strict=True))
     report = {"onnx": onnx, "unpack": unpack | (tagged(log, "EMBEDDER") or [{}])[-1], "check": result}
-    return report | {"got": got, "reference": SCORER_REFERENCE, "toxicity_max_abs_diff": diff}, shim
+    return report | {"got": got, "reference": SCORER_REFERENCE, "toxicity_max_abs_diff": diff}, env
 
 
 def call2(args: argparse.Namespace, check: Check) -> None:
@@ -153,9 +154,8 @@ def call2(args: argparse.Namespace, check: Check) -> None:
     summary.put("call1_state", state | {"site": check.site.is_dir()})
     if not state[SMALL]:
         summary.put("build", build(check, setup, SMALL))
-    report, shim = scorers(check, setup)
+    report, env = scorers(check, setup)
     summary.put("scorers", report)
-    env = check.env(*shim, GPU_CHECK_MINILM_DIR=str(check.work / "minilm"))
     decode = [*runs.eval_set(args.golden, check.work), f"eval.max_new_tokens={8 if check.dry else 64}"]
 
     # the pipeline on the small shape: train (its own adapter) then eval, in one process

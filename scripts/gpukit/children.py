@@ -4,7 +4,6 @@ and `src/` on PYTHONPATH). Each prints one tagged JSON line that the parent read
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -100,6 +99,8 @@ def build_models(models: Path, tokenizer: Path, names: list[str], dry: bool) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+    from selfalign.utils.io import atomic_dir
+
     tok = AutoTokenizer.from_pretrained(tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in names:
@@ -117,13 +118,10 @@ def build_models(models: Path, tokenizer: Path, names: list[str], dry: bool) -> 
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(LlamaConfig(**ids, **shape), dtype=torch.bfloat16)
             built = time.perf_counter() - t0
-            tmp = target.with_name(f".{name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
-            tok.save_pretrained(tmp)
-            (tmp / ".complete").write_text("ok\n")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            with atomic_dir(target) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+                tok.save_pretrained(tmp)
+                (tmp / ".complete").write_text("ok\n")
             emit(
                 "BUILD",
                 {
@@ -145,25 +143,47 @@ def build_models(models: Path, tokenizer: Path, names: list[str], dry: bool) -> 
             emit("BUILD", {"model": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
 
 
-def unpack_embedder(src: Path, dest: Path) -> None:
-    """The carried all-MiniLM-L6-v2 (int8 matrices with per-row scales, `scripts/gpu_prepare.py`) as the fp32
-    safetensors the project embeds with, and a first encode."""
-    from safetensors.torch import load_file, save_file
-    from sentence_transformers import SentenceTransformer
+def pack_int8(weights: dict) -> dict:
+    """Each float matrix as int8 with one fp16 scale per row (`<name>.int8_scale`), other float tensors as fp16:
+    how `scripts/gpu_prepare.py` carries the embedder."""
+    import torch
 
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("model.safetensors"))
-    packed = load_file(src / "model.safetensors")
+    packed = {}
+    for key, value in weights.items():
+        if value.is_floating_point() and value.dim() == 2:
+            scale = (value.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.float16)
+            packed[key] = torch.round(value / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+            packed[key + ".int8_scale"] = scale
+        else:
+            packed[key] = value.to(torch.float16) if value.is_floating_point() else value
+    return packed
+
+
+def unpack_int8(packed: dict) -> dict:
+    """`pack_int8`'s tensors back in fp32 (integer tensors as they were)."""
     weights = {}
     for key, value in packed.items():
         if key.endswith(".int8_scale"):
             continue
         scale = packed.get(key + ".int8_scale")
-        weights[key] = value.float() * scale.float()[:, None] if scale is not None else value.float()
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+        if scale is not None:
+            weights[key] = value.float() * scale.float()[:, None]
+        else:
+            weights[key] = value.float() if value.is_floating_point() else value
+    return weights
+
+
+def unpack_embedder(src: Path, dest: Path) -> None:
+    """The carried all-MiniLM-L6-v2 (`pack_int8`) as the fp32 safetensors the project embeds with, and a first
+    encode."""
+    from safetensors.torch import load_file, save_file
+    from sentence_transformers import SentenceTransformer
+
+    from selfalign.utils.io import atomic_dir
+
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors"))
+        save_file(unpack_int8(load_file(src / "model.safetensors")), tmp / "model.safetensors", {"format": "pt"})
     model = SentenceTransformer(str(dest), device="cpu")
     vectors = model.encode(SCORER_TEXTS, normalize_embeddings=True)
     emit("EMBEDDER", {"dtype": str(next(model.parameters()).dtype), "dim": int(vectors.shape[1])})
