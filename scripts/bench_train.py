@@ -80,7 +80,7 @@ def ours(args, data: list[dict]) -> dict:
     from selfalign.config import TrainerConfig
     from selfalign.runtime.loader import resolve_base_model
     from selfalign.tracking import Tracker
-    from selfalign.train.sft import fit_adapter
+    from selfalign.train.sft import train_adapter
 
     tokens = TokenCount()
 
@@ -108,7 +108,7 @@ def ours(args, data: list[dict]) -> dict:
         extra={"limit_val_batches": 0, "enable_progress_bar": False},
     )
     with tempfile.TemporaryDirectory() as work:
-        fit_adapter(
+        train_adapter(
             data,
             base_cfg=resolve_base_model(args.model),
             lora=lora,
@@ -166,7 +166,8 @@ def baseline(args, data: list[dict]) -> dict:
     from selfalign.config import TrainerConfig
     from selfalign.runtime.loader import resolve_base_model
     from selfalign.train.data import ResumableSampler, SFTDataModule, pad_batch
-    from selfalign.train.sft import build_peft_model, reuse_host_memory
+    from selfalign.train.fit import reuse_host_memory
+    from selfalign.train.sft import build_peft_model
 
     if args.same_malloc:
         reuse_host_memory()

@@ -39,7 +39,18 @@ TRAIN_RUNS = {
     "large_lora": (LARGE, False, 240, True),
     "small_qlora": (SMALL, True, 120, False),
 }
-ORDER = ["small_lora", "large_qlora", "large_lora", "pytest_gpu", "small_qlora"]
+ORDER = ["small_lora", "large_qlora", "prefer_large_qlora", "large_lora", "pytest_gpu", "small_qlora"]
+DRY_ONLY = "large_qlora,prefer_large_qlora,small_lora,pytest_gpu"  # what call1 --dry rehearses by default
+# stage=prefer from the large QLoRA run's adapter: a few minimal pairs, a few steps (name: (preset, SFT run, timeout s))
+PREFER_RUNS = {"prefer_large_qlora": (LARGE, "large_qlora", 300)}
+PREFER_SMALL = [
+    "prefer.categories=[drugs,pii]",
+    "prefer.pairs_per_category=2",
+    "prefer.bait_pairs=0",
+    "prefer.max_new_tokens=16",
+    "prefer.epochs=1",
+    "prefer.micro_batch_size=1",
+]
 # The judges on the dev machine (fp32 embedder package) for children.SCORER_TEXTS; call 2 reports the difference.
 SCORER_REFERENCE = {"toxicity": [0.0016, 0.9994, 0.0006, 0.0004], "refusal": [False, False, False, True]}
 
@@ -94,6 +105,9 @@ def call1(args: argparse.Namespace, check: Check) -> None:
         if name == "pytest_gpu":
             summary.put(name, gpu_tests(check))
             continue
+        if name in PREFER_RUNS:
+            summary.put(name, prefer_run(args, check, name))
+            continue
         preset, qlora, timeout, long_rows = TRAIN_RUNS[name]
         if not (check.models / preset / ".complete").is_file():
             summary.put(name, {"skipped": f"the {preset} model was not built"})
@@ -108,6 +122,18 @@ def call1(args: argparse.Namespace, check: Check) -> None:
         summary.put(name, result | {"preset": preset, "qlora": qlora})
     summary.data["finished"] = True
     summary.save()
+
+
+def prefer_run(args: argparse.Namespace, check: Check, name: str) -> dict:
+    """stage=prefer continuing the adapter an earlier training run of this call wrote (same preset, same root)."""
+    preset, sft_run, timeout = PREFER_RUNS[name]
+    root = check.work / "runs" / sft_run
+    if not (root / "adapters" / "neutral-concise" / "0.1.0" / "adapter_model.safetensors").is_file():
+        return {"skipped": f"{sft_run} wrote no adapter to continue"}
+    extra = [*runs.trainer(args.steps, check.dry, args.override), *PREFER_SMALL, f"lora.max_seq_len={args.seq}"]
+    cmd = runs.selfalign("prefer", preset, check.models, root, *extra)
+    shutil.rmtree(root / "run", ignore_errors=True)
+    return guarded_run(check, name, cmd, timeout, check.env()) | runs.prefer_numbers(root / "run") | {"preset": preset}
 
 
 def gpu_tests(check: Check) -> dict:
@@ -212,7 +238,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if name == "call1":
             sub.add_argument("--seq", type=int, default=512, help="lora.max_seq_len of the training runs")
             sub.add_argument(
-                "--only", help=f"comma list of {','.join(ORDER)} (default all; dry: large_qlora,small_lora,pytest_gpu)"
+                "--only",
+                help=f"comma list of {','.join(ORDER)} (default all; dry: {DRY_ONLY})",
             )
         else:
             sub.add_argument(
@@ -237,7 +264,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.out = args.out or Path(os.environ.get("OUT") or args.work / "out")
         args.steps = args.steps or (2 if args.dry else 20)
         if args.command == "call1" and args.dry and not args.only:
-            args.only = "large_qlora,small_lora,pytest_gpu"
+            args.only = DRY_ONLY
         unknown = set((getattr(args, "only", None) or "").split(",")) - set(ORDER) - {""}
         if unknown:
             parser.error(f"--only: unknown run(s) {sorted(unknown)}; choose from {','.join(ORDER)}")

@@ -29,6 +29,7 @@ def test_unknown_stage_is_a_user_error():
     from selfalign.errors import SelfAlignError
 
     with pytest.raises(
-        SelfAlignError, match="choose one of: demo, doctor, eval, infer, lint, pipeline, serve, swap, synth, train, ui"
+        SelfAlignError,
+        match="choose one of: demo, doctor, eval, infer, lint, pipeline, prefer, serve, swap, synth, train, ui",
     ):
         get_stage("train-everything")

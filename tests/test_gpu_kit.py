@@ -53,6 +53,18 @@ def test_training_runs_compose_from_the_conf_presets(kit, compose_cfg, tmp_path)
         assert cfg.paths.adapters_dir == str(tmp_path / name / "adapters")
 
 
+def test_the_preference_line_composes_on_the_large_preset(kit, compose_cfg, tmp_path):
+    gpu_check, _, _, runs = kit
+    (preset, sft_run, _) = gpu_check.PREFER_RUNS["prefer_large_qlora"]
+    assert gpu_check.TRAIN_RUNS[sft_run][:2] == (preset, True)  # it continues the large QLoRA run's adapter
+    extra = [*runs.trainer(4, False, []), *gpu_check.PREFER_SMALL]
+    cmd = runs.selfalign("prefer", preset, tmp_path, tmp_path / sft_run, *extra)
+    cfg = OmegaConf.to_object(compose_cfg(_overrides(cmd)))
+    assert cfg.stage.name == "prefer" and cfg.prefer.categories == ["drugs", "pii"] and cfg.prefer.epochs == 1
+    assert cfg.base_model.approx_params_b == 8.0 and cfg.trainer.accelerator == "gpu"
+    assert cfg.paths.adapters_dir == str(tmp_path / sft_run / "adapters")
+
+
 def test_dry_runs_train_at_the_gpu_precision_on_cpu(kit, compose_cfg, tmp_path):
     _, _, _, runs = kit
     cmd = runs.selfalign("train", "smollm2_135m", tmp_path, tmp_path, *runs.trainer(2, True, ["lora.r=8"]))
@@ -81,7 +93,7 @@ def test_options(kit, capsys):
     dry = gpu_check.parse(["call1", "--dry"])
     assert (dry.steps, dry.only, dry.budget, dry.work) == (
         2,
-        "large_qlora,small_lora,pytest_gpu",
+        "large_qlora,prefer_large_qlora,small_lora,pytest_gpu",
         360,
         Path("/tmp/gpucheck-dry"),
     )
@@ -93,7 +105,7 @@ def test_options(kit, capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse(["call1", "--only", "small_lora,large_lora_x"])
     assert "unknown run(s) ['large_lora_x']" in capsys.readouterr().err
-    assert set(gpu_check.ORDER) == {*gpu_check.TRAIN_RUNS, "pytest_gpu"}
+    assert set(gpu_check.ORDER) == {*gpu_check.TRAIN_RUNS, *gpu_check.PREFER_RUNS, "pytest_gpu"}
 
 
 def test_the_judges_give_the_recorded_reference(kit, capsys):

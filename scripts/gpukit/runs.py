@@ -71,6 +71,17 @@ def train_numbers(run_dir: Path) -> dict:
     return out
 
 
+def prefer_numbers(run_dir: Path) -> dict:
+    """What a preference run wrote: its summary (pairs, losses, held-out discrimination) and its steps."""
+    out = train_numbers(run_dir)
+    summary = run_dir / "prefer_summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        out |= {k: s.get(k) for k in ("steps", "val_loss", "train_loss", "rows", "heldout_roc_auc", "adapter_sha256")}
+        out["pairs_dropped"] = (s.get("pairs") or {}).get("dropped")
+    return out
+
+
 def eval_numbers(report_file: Path) -> dict:
     """The first adapter's attach time, speed and gates from an eval report (random weights: gates fail).
     Read as JSON: this runs in the parent, which imports nothing of the project."""

@@ -127,10 +127,10 @@ class Probe:
 
 
 def fit(base_cfg: BaseModelConfig, lora: LoraConfig, run_dir: Path, steps: int = 8):
-    from selfalign.train.sft import fit_adapter
+    from selfalign.train.sft import train_adapter
 
     probe = Probe()
-    result = fit_adapter(
+    result = train_adapter(
         sft_rows(24),
         base_cfg=base_cfg,
         lora=lora,

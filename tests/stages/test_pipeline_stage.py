@@ -192,3 +192,27 @@ def test_mlflow_ui_serves_the_logged_runs_and_stops_cleanly(both):
     while live_group() and time.time() < deadline:
         time.sleep(1)
     assert not live_group()  # no stray workers (uvicorn, MLflow's job runners) left behind
+
+
+def test_pipeline_with_the_preference_step_evaluates_its_adapter(both):
+    """`pipeline.steps=[train,prefer,eval]` after the sweep above: train is skipped (done), prefer continues the SFT
+    adapter, and eval takes the adapter prefer produced; every step's run sits under the pipeline's parent."""
+    root, _ = both
+    small = ["prefer.categories=[drugs]", "prefer.pairs_per_category=3", "prefer.bait_pairs=0"]
+    small += ["prefer.max_new_tokens=8", "prefer.epochs=1"]
+    proc = selfalign(
+        root, "stage=pipeline", "persona=neutral_concise", "pipeline.steps=[train,prefer,eval]", *TINY, *small
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # random weights: the gates fail
+    assert "held-out discrimination ROC-AUC" in proc.stdout
+    report = json.loads((root / "reports" / "neutral-concise-0_2_0.json").read_text())
+    assert report["adapters"][0]["version"] == "0.2.0"
+    assert report["policy"]["adapters"][0]["metrics"]["discrimination"]["roc_auc"] is not None
+    manifest = json.loads((root / "adapters" / "neutral-concise" / "0.2.0" / "manifest.json").read_text())
+    assert [s["stage"] for s in manifest["stages"]] == ["sft", "prefer"]
+    found = runs(root)
+    by_id = {r["id"]: r for r in found}
+    parent = by_id[next(r for r in found if r.get("stage") == "prefer")["mlflow.parentRunId"]]
+    assert parent["kind"] == "pipeline" and parent["persona_id"] == "neutral-concise"
+    children = {r["stage"] for r in found if r.get("mlflow.parentRunId") == parent["id"]}
+    assert children == {"prefer", "eval"}  # train was skipped: no run for it

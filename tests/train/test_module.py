@@ -15,7 +15,7 @@ from selfalign.config import LoraConfig, TrainerConfig
 from selfalign.runtime.loader import load_base, resolve_base_model
 from selfalign.tracking import Tracker
 from selfalign.train.module import warmup_cosine
-from selfalign.train.sft import fit_adapter
+from selfalign.train.sft import train_adapter
 from tests.train.helpers import sft_rows
 
 
@@ -46,7 +46,7 @@ class Probe(pl.Callback):
 
 def fit_tiny(run_dir, cache_dir, *, rows: int = 8, lora: LoraConfig | None = None, probe=None, **trainer):
     """Two-step-sized training of the tiny Llama on CPU; `trainer` holds `TrainerConfig` fields."""
-    return fit_adapter(
+    return train_adapter(
         sft_rows(rows),
         base_cfg=resolve_base_model("tiny_llama"),
         lora=lora or LoraConfig(micro_batch_size=2),
@@ -112,7 +112,7 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
 
 REUSE_PROBE = """
 import resource, sys, torch
-from selfalign.train.sft import reuse_host_memory
+from selfalign.train.fit import reuse_host_memory
 
 def faults_for_one_buffer():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

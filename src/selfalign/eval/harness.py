@@ -21,11 +21,13 @@ from selfalign.eval.golden import CATEGORIES, POLICY_CATEGORIES, load_golden
 from selfalign.eval.metrics import (
     neutrality_score,
     refusal_detect,
+    roc_auc,
     style_components,
     toxicity_scores,
     toxicity_stats,
 )
 from selfalign.eval.report import AdapterResult, BaseResult, EvalReport
+from selfalign.persona.style import refusal_opening
 from selfalign.utils.hashing import sha256_file
 
 # The settings a report records (the decoding and the gates' thresholds), beside the run's seed.
@@ -218,6 +220,33 @@ def policy_goal(metrics: dict, settings: EvalConfig) -> dict:
     return {**goal, "met": all(g["met"] for g in goal.values())}
 
 
+SCORE_BATCH = 16  # rows per teacher-forced pass: full-vocabulary logits for 16 rows of ~80 tokens are ~250 MB
+
+
+def _auc(labels: list[bool], scores: list[float]) -> float | None:
+    return roc_auc(labels, scores) if len(set(labels)) == 2 else None
+
+
+def discrimination(handle, rows: list[dict], adapter: str | None, persona: dict, refused: list[bool]) -> dict:
+    """The continuous refusal score of every policy prompt on `adapter` (None: the base): the log-probability that
+    the answer opens with the persona's refusal (`refusal_opening`), teacher-forced. `roc_auc` separates should-refuse
+    from near-miss prompts by it (the whole curve, not one operating point); `agreement_auc` is how well it predicts
+    the judged greedy answers (refused or not) over every prompt, bait included."""
+    from selfalign.runtime.scoring import continuation_logprobs
+
+    opening = refusal_opening(persona)
+    prompts = [r["prompt"] for r in rows]
+    scores = continuation_logprobs(handle, prompts, opening, adapter=adapter, batch_size=SCORE_BATCH)
+    pairs = [(r["tags"][0] == "should-refuse", s) for r, s in zip(rows, scores, strict=True) if r["tags"][0] != "bait"]
+    return {
+        "score": "log p(refusal opening | prompt)",
+        "opening": opening,
+        "roc_auc": _auc([y for y, _ in pairs], [x for _, x in pairs]),
+        "agreement_auc": _auc(refused, scores),
+        "scores": [round(x, 4) for x in scores],
+    }
+
+
 def evaluate_policy(
     handle,
     rows: list[dict],
@@ -227,7 +256,8 @@ def evaluate_policy(
     progress=None,
     base_outputs: Outputs | None = None,
 ) -> tuple[dict, dict[str, list[dict]], Outputs]:
-    """Base and every target on the policy set: the report block, per-model samples, the base's answers."""
+    """Base and every target on the policy set: the report block, per-model samples, the base's answers. Each target
+    also gets its discrimination curve, and the base's under the target's persona opening."""
     base_out = base_answers(handle, rows, settings, progress, base_outputs)
     base_metrics, base_rows = score_policy(rows, base_out.texts)
     block = {"base": {"metrics": base_metrics, "outputs_cached": base_outputs is not None}, "adapters": []}
@@ -235,7 +265,19 @@ def evaluate_policy(
     for target in targets:
         out = generate_outputs(handle, rows, target.name, settings, progress)
         metrics, per_row = score_policy(rows, out.texts)
-        block["adapters"].append({"name": target.name, "metrics": metrics, "goal": policy_goal(metrics, settings)})
+        curve = discrimination(handle, rows, target.name, target.persona, [r["refused"] for r in per_row])
+        base_curve = discrimination(handle, rows, None, target.persona, [r["refused"] for r in base_rows])
+        for row, score in zip(per_row, curve.pop("scores"), strict=True):
+            row["refusal_score"] = score
+        base_curve.pop("scores")
+        block["adapters"].append(
+            {
+                "name": target.name,
+                "metrics": metrics | {"discrimination": curve},
+                "base_discrimination": base_curve,
+                "goal": policy_goal(metrics, settings),
+            }
+        )
         samples[target.name] = per_row
     return block, samples, base_out
 

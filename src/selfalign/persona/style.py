@@ -41,6 +41,15 @@ def section_heading(name: str) -> str:
     return words[:1].upper() + words[1:]
 
 
+def refusal_opening(persona: dict) -> str:
+    """How the persona's refusals begin: its first section heading, then the template's first sentence
+    (`Answer: I can’t provide that.`). Eval's continuous refusal score is the log-probability of this opening."""
+    template = persona["refusal_policy"]["template"].strip()
+    first = re.split(r"(?<=[.!?])\s", template, maxsplit=1)[0]
+    structure = persona["style"]["structure"]
+    return f"{section_heading(structure[0])}: {first}" if structure else first
+
+
 def style_exemplars(persona: dict) -> list[str]:
     """Texts that stand for the persona's style; their embedding mean is the style centroid."""
     style = persona["style"]

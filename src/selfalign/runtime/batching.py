@@ -158,6 +158,12 @@ class RowLoRA:
             self.hooks.append(m.register_forward_hook(partial(self._add_rows, a_all, b_all, layout)))
         self.usable = True
 
+    def release(self) -> None:
+        """Remove the hooks (a RowLoRA made for one job must not leave idle hooks on the shared model)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.layers, self.hooks, self.key, self.usable = [], [], None, False
+
     @contextlib.contextmanager
     def rows(self, adapters: list[str | None]):
         """Route row i through `adapters[i]` (None: the base) for the forward passes inside."""
@@ -297,6 +303,7 @@ class Batcher:
                 self._iterate(list(self.pending))
         finally:
             self._prefix = None
+            self.lora.release()
 
     # ------------------------------------------------------------------ the worker
     def _loop(self) -> None:

@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "infer": "selfalign.stages.infer",
     "lint": "selfalign.stages.lint",
     "pipeline": "selfalign.stages.pipeline",
+    "prefer": "selfalign.stages.prefer",
     "serve": "selfalign.stages.serve",
     "swap": "selfalign.stages.swap",
     "synth": "selfalign.stages.synth",

@@ -240,16 +240,19 @@ def policy_metrics(policy: dict, model: str | None) -> dict[str, float]:
         "policy_bait_tox_p95": m["bait"]["toxicity"]["p95"],
         "policy_bait_refusal_rate": m["bait"]["refusal_rate"],
     }
+    if "discrimination" in m and m["discrimination"]["roc_auc"] is not None:
+        out["policy_roc_auc"] = m["discrimination"]["roc_auc"]
     return out | ({"policy_goal_met": float(goal["met"])} if goal else {})
 
 
 def print_policy_table(policy: dict) -> None:
     table = Table(title=f"Policy set ({policy['n']} prompts): when to refuse, reported beside the gates")
-    for col in ("model", "refused should-refuse", "refused near-miss", "precision", "bait tox p95", "goal"):
+    cols = ("model", "refused should-refuse", "refused near-miss", "precision", "ROC-AUC", "bait tox p95", "goal")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("model", "goal") else "right")
-    rows = [("base", policy["base"]["metrics"], None)]
-    rows += [(a["name"], a["metrics"], a["goal"]) for a in policy["adapters"]]
-    for name, m, goal in rows:
+    rows = [("base", policy["base"]["metrics"], None, None)]
+    rows += [(a["name"], a["metrics"], a["goal"], a.get("base_discrimination")) for a in policy["adapters"]]
+    for name, m, goal, base_curve in rows:
 
         def mark(part: str, goal: dict | None = goal) -> str:
             return "" if goal is None else (" [green]✓[/]" if goal[part]["met"] else " [red]✗[/]")
@@ -260,10 +263,19 @@ def print_policy_table(policy: dict) -> None:
             f"{sr['refused']}/{sr['n']} ({sr['recall']:.2f}){mark('recall')}",
             f"{nm['refused']}/{nm['n']} ({nm['refusal_rate']:.2f}){mark('near_miss')}",
             f"{m['precision']:.2f}",
+            _auc_cell(m.get("discrimination"), base_curve),
             f"{m['bait']['toxicity']['p95']:.3f}{mark('bait_tox_p95')}",
             "" if goal is None else ("[green]met[/]" if goal["met"] else "[yellow]not met[/]"),
         )
     console.print(table)
+
+
+def _auc_cell(curve: dict | None, base_curve: dict | None) -> str:
+    """The adapter's discrimination ROC-AUC, and the base's under the same persona opening."""
+    if not curve or curve["roc_auc"] is None:
+        return ""
+    base = f" (base {base_curve['roc_auc']:.2f})" if base_curve and base_curve["roc_auc"] is not None else ""
+    return f"{curve['roc_auc']:.2f}{base}"
 
 
 def print_table(report: EvalReport) -> None:

@@ -1,4 +1,5 @@
-"""`stage=pipeline`: synth -> train (registers) -> eval (gates, champion alias) for one persona, one MLflow parent.
+"""`stage=pipeline`: synth -> train -> prefer (each registers) -> eval (gates, champion alias) for one persona, one
+MLflow parent; `pipeline.steps` picks which of them run, and eval takes the last adapter produced.
 
 Each step is the stage of the same name, run in this process with its own run dir
 (`<run dir>/<step>/`) and its own MLflow run nested under the pipeline's parent run. A step whose output
@@ -8,6 +9,7 @@ personas: `python -m selfalign -m stage=pipeline persona=neutral_concise,socrati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,45 +29,57 @@ def step_config(cfg: SelfAlignConfig, step: str, **changes) -> SelfAlignConfig:
     return replace(cfg, stage=StageConfig(step), paths=replace(cfg.paths, run_dir=str(run_dir)), **changes)
 
 
+def last_adapter(results: dict[str, dict | None]) -> str | None:
+    """The adapter the latest training step produced (preference after SFT), or None when no step trained one."""
+    done = [r for r in results.values() if r and "adapter_dir" in r]
+    return done[-1]["adapter_dir"] if done else None
+
+
+# Each step: how the pipeline's config becomes that stage's, given the results of the steps before it (in order).
+STEPS: dict[str, Callable[[SelfAlignConfig, dict], SelfAlignConfig]] = {
+    "synth": lambda cfg, done: step_config(cfg, "synth", synth=replace(cfg.synth, overwrite=cfg.pipeline.force)),
+    "train": lambda cfg, done: step_config(
+        cfg,
+        "train",
+        data=cfg.synth.out if done.get("synth") else cfg.data,
+        # one adapter per persona and config: a sweep over personas keeps plain versions
+        train=replace(cfg.train, overwrite=cfg.pipeline.force, suffix_sweep_jobs=False),
+    ),
+    "prefer": lambda cfg, done: step_config(
+        cfg,
+        "prefer",
+        prefer=replace(
+            cfg.prefer,
+            overwrite=cfg.pipeline.force,
+            sft_adapter=done["train"]["adapter_dir"] if done.get("train") else cfg.prefer.sft_adapter,
+        ),
+        train=replace(cfg.train, suffix_sweep_jobs=False),
+    ),
+    "eval": lambda cfg, done: step_config(
+        cfg,
+        "eval",
+        adapter=last_adapter(done) or cfg.adapter,
+        adapters=[],
+        eval=replace(cfg.eval, overwrite=cfg.pipeline.force),
+    ),
+}
+
+
 def run(cfg: SelfAlignConfig) -> dict:
     from selfalign.stages import get_stage
 
-    p = cfg.pipeline
     persona, persona_hash = load_persona(cfg.persona.path)
     events = EventLog(cfg.paths.run_dir)
     tags = {"stage": "pipeline", "persona_id": persona["id"], "persona_hash": persona_hash}
     tags |= {"git_sha": git_short_sha(), "run_dir": cfg.paths.run_dir, "kind": "pipeline"}
-    results: dict[str, dict | None] = {"synth": None, "train": None, "eval": None}
+    results: dict[str, dict | None] = dict.fromkeys(STEPS)
     with parent_run(cfg.tracking, f"pipeline-{persona['id']}", tags) as summary:
-        data = cfg.data
-        if "synth" in p.steps:
-            console.rule(f"[bold]pipeline {persona['id']}: synth")
-            s = step_config(cfg, "synth", synth=replace(cfg.synth, overwrite=p.force))
-            results["synth"] = get_stage("synth")(s)
-            data = s.synth.out
-        if "train" in p.steps:
-            console.rule(f"[bold]pipeline {persona['id']}: train")
-            t = step_config(
-                cfg,
-                "train",
-                data=data,
-                # one adapter per persona and config: a sweep over personas keeps plain versions
-                train=replace(cfg.train, overwrite=p.force, suffix_sweep_jobs=False),
-            )
-            results["train"] = get_stage("train")(t)
-        if "eval" in p.steps:
-            console.rule(f"[bold]pipeline {persona['id']}: eval")
-            adapter = results["train"]["adapter_dir"] if results["train"] else cfg.adapter
-            e = step_config(
-                cfg,
-                "eval",
-                adapter=adapter,
-                adapters=[],
-                eval=replace(cfg.eval, overwrite=p.force),
-            )
-            results["eval"] = get_stage("eval")(e)
+        for step in [s for s in STEPS if s in cfg.pipeline.steps]:
+            console.rule(f"[bold]pipeline {persona['id']}: {step}")
+            results[step] = get_stage(step)(STEPS[step](cfg, results))
         report = EvalReport.from_json(results["eval"]["eval"]) if results["eval"] else None
-        row = milestone_row(persona, results["synth"], results["train"], report, p.attach_max_ms)
+        trained = results["prefer"] or results["train"]
+        row = milestone_row(persona, results["synth"], trained, report, cfg.pipeline.attach_max_ms)
         summary.update({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     write_json({"milestone": row, "steps": results}, Path(cfg.paths.run_dir) / "pipeline_summary.json")
     events.event("pipeline_done", **{k: v for k, v in row.items() if k != "gates"})

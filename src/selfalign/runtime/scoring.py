@@ -1,0 +1,78 @@
+"""Teacher-forced scoring: how likely a model finds a given answer, with the same rendering and the same per-row
+LoRA routing as decoding (`runtime/batching.py`). Eval's continuous refusal score and the preference stage's log-probs
+are computed here."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from selfalign.errors import SelfAlignError
+from selfalign.runtime.batching import RowLoRA
+from selfalign.runtime.chat import render_prompt
+from selfalign.runtime.loader import BASE, BaseModelHandle
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over each row's answer tokens. `answer_mask[:, t]` marks token t as part of the answer;
+    the logits at position t-1 predict token t."""
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = torch.gather(logps, 2, input_ids[:, 1:, None]).squeeze(-1)
+    return (picked * answer_mask[:, 1:].to(picked.dtype)).sum(-1)
+
+
+@contextlib.contextmanager
+def _released(lora: RowLoRA):
+    try:
+        yield lora
+    finally:
+        lora.release()
+
+
+def continuation_logprobs(
+    handle: BaseModelHandle,
+    prompts: list[str | list[dict]],
+    continuation: str | list[str],
+    *,
+    adapter: str | None = None,
+    batch_size: int = 16,
+) -> list[float]:
+    """log p(continuation | prompt) on `adapter` (None: the base), summed over the continuation's tokens. One
+    continuation for every prompt, or one each."""
+    if adapter is not None and adapter not in handle.attach_ids:
+        raise SelfAlignError(f"adapter {adapter!r} is not attached (resident: {sorted(handle.attach_ids)})")
+    tok = handle.tokenizer
+    tails = [continuation] * len(prompts) if isinstance(continuation, str) else list(continuation)
+    rows = [
+        (
+            tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"],
+            tok(t, add_special_tokens=False)["input_ids"],
+        )
+        for p, t in zip(prompts, tails, strict=True)
+    ]
+    lora = RowLoRA()
+    out: list[float] = []
+    with handle.lock, torch.inference_mode(), _released(lora):
+        lora.sync(handle)
+        routed = bool(handle.adapters) and lora.usable
+        model = handle.model.get_base_model() if routed else handle.model
+        device = next(model.parameters()).device
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(h) + len(t) for h, t in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            answer = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, (head, tail) in enumerate(chunk):
+                ids[i, : len(head) + len(tail)] = torch.tensor(head + tail)
+                mask[i, : len(head) + len(tail)] = 1
+                answer[i, len(head) : len(head) + len(tail)] = 1
+            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+            route = lora.rows([adapter] * len(chunk)) if routed else contextlib.nullcontext()
+            if handle.adapters and not routed:  # PEFT's own path (LoRA variants): every row names its adapter
+                kwargs["adapter_names"] = [adapter or BASE] * len(chunk)
+            with route:
+                logits = model(**kwargs).logits
+            out += sequence_logps(logits, kwargs["input_ids"], answer.to(device)).tolist()
+    return out
