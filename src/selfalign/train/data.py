@@ -123,7 +123,30 @@ class ResumableSampler(Sampler[int]):
         return self.n
 
 
-class SFTDataModule(pl.LightningDataModule):
+class ResumableBatches:
+    """A data module's training order that a checkpoint can resume mid-epoch: a seeded permutation per epoch, and
+    the micro-batches already trained skipped on resume. Subclasses set `micro_batch_size` and `_loader`."""
+
+    _resume_batches = 0  # micro-batches of the current epoch already trained (from a checkpoint)
+    sampler: ResumableSampler | None = None
+
+    def _resumable_loader(self, rows, seed: int) -> DataLoader:
+        self.sampler = ResumableSampler(len(rows), seed)
+        skip = self._resume_batches * self.micro_batch_size
+        self.sampler.skip = skip if skip < len(rows) else 0  # saved after an epoch's last batch
+        self._resume_batches = 0
+        return self._loader(rows, self.sampler)
+
+    def state_dict(self) -> dict:
+        """Where in the epoch a checkpoint was taken, so resuming skips exactly the trained micro-batches."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches": progress.ready}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_batches = int(state.get("batches", 0))
+
+
+class SFTDataModule(ResumableBatches, pl.LightningDataModule):
     """The dataset (`datasets.Dataset`), split 90/10 by seed, tokenised once; batches in a resumable order."""
 
     def __init__(
@@ -145,8 +168,6 @@ class SFTDataModule(pl.LightningDataModule):
         self.val_fraction, self.seed, self.policy_repeat = val_fraction, seed, policy_repeat
         self.stats = TokenStats()
         self.train_set = self.val_set = None
-        self.sampler: ResumableSampler | None = None
-        self._resume_batches = 0  # micro-batches of the current epoch already trained (from a checkpoint)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -199,19 +220,7 @@ class SFTDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        self.sampler = ResumableSampler(len(self.train_set), self.seed)
-        skip = self._resume_batches * self.micro_batch_size
-        self.sampler.skip = skip if skip < len(self.train_set) else 0  # saved after an epoch's last batch
-        self._resume_batches = 0
-        return self._loader(self.train_set, self.sampler)
+        return self._resumable_loader(self.train_set, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
-
-    def state_dict(self) -> dict:
-        """Where in the epoch a checkpoint was taken, so resuming skips exactly the trained micro-batches."""
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches": progress.ready}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume_batches = int(state.get("batches", 0))

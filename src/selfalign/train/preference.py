@@ -19,7 +19,7 @@ from selfalign.config import BaseModelConfig, PreferConfig, TrainerConfig
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.chat import render_example
 from selfalign.runtime.scoring import sequence_logps
-from selfalign.train.data import ResumableSampler
+from selfalign.train.data import ResumableBatches
 from selfalign.train.fit import fit_adapter, reuse_host_memory
 from selfalign.train.losses import preference_loss
 from selfalign.train.module import LoRASFTModule
@@ -51,7 +51,7 @@ def pad_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "answer": answer, "ref": ref}
 
 
-class PairDataModule(pl.LightningDataModule):
+class PairDataModule(ResumableBatches, pl.LightningDataModule):
     """Pairs tokenised once, split by seed into train and validation; batches in a resumable order."""
 
     def __init__(self, pairs: list[dict], tokenizer, *, max_seq_len: int, micro_batch_size: int, val_fraction, seed):
@@ -72,8 +72,6 @@ class PairDataModule(pl.LightningDataModule):
         n_val = max(1, round(len(rows) * val_fraction))
         self.val_rows = [rows[i] for i in order[:n_val]]
         self.train_rows = [rows[i] for i in order[n_val:]]
-        self.sampler: ResumableSampler | None = None
-        self._resume_batches = 0
 
     @property
     def all_rows(self) -> list[dict]:
@@ -90,21 +88,10 @@ class PairDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        self.sampler = ResumableSampler(len(self.train_rows), self.seed)
-        skip = self._resume_batches * self.micro_batch_size
-        self.sampler.skip = skip if skip < len(self.train_rows) else 0
-        self._resume_batches = 0
-        return self._loader(self.train_rows, self.sampler)
+        return self._resumable_loader(self.train_rows, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_rows)
-
-    def state_dict(self) -> dict:
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches": progress.ready}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume_batches = int(state.get("batches", 0))
 
 
 @torch.no_grad()
