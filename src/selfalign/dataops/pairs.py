@@ -29,13 +29,21 @@ import yaml
 from selfalign.dataops.synth import redline_categories, refusal_text
 from selfalign.errors import SelfAlignError
 from selfalign.persona.style import section_heading
+from selfalign.utils.hashing import sha256_file
 
 KINDS = ("should-refuse", "near-miss", "bait")
 
 
+GRAMMAR = Path(__file__).with_name("pairs.yaml")
+
+
 @cache
 def load_grammar() -> dict:
-    return yaml.safe_load(Path(__file__).with_name("pairs.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load(GRAMMAR.read_text(encoding="utf-8"))
+
+
+def grammar_sha256() -> str:
+    return sha256_file(GRAMMAR)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from selfalign.config import SelfAlignConfig, git_short_sha
+from selfalign.dataops.pairs import grammar_sha256
 from selfalign.errors import SelfAlignError
 from selfalign.persona.schema import load_persona
 from selfalign.tracking import tracked_run
@@ -33,6 +34,7 @@ PAIR_SETTINGS = (
     "max_new_tokens",
 )
 RECIPE = ("loss", "beta", "sft_weight", "simpo_gamma", "lr", "epochs", "micro_batch_size", "val_fraction")
+OPTIM = ("beta1", "beta2", "weight_decay", "warmup_ratio", "scheduler", "max_seq_len")  # taken from the lora group
 
 
 def sft_adapter_dir(cfg: SelfAlignConfig, persona_id: str) -> Path:
@@ -168,6 +170,7 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
             "sft_adapter": sft_sha,
             "base_model": asdict(cfg.base_model),
             "seed": cfg.seed,
+            "grammar": grammar_sha256(),  # an edited pairs.yaml is another pair set
         }
         | {k: getattr(p, k) for k in PAIR_SETTINGS}
     )
@@ -183,7 +186,7 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
             "persona": persona_hash,
             "base_model": asdict(cfg.base_model),
             "prefer": {k: getattr(p, k) for k in RECIPE},
-            "optim": {k: getattr(cfg.lora, k) for k in ("beta1", "beta2", "weight_decay", "warmup_ratio", "scheduler")},
+            "optim": {k: getattr(cfg.lora, k) for k in OPTIM},
             "trainer": trainer_cfg.lightning_kwargs(),
             "seed": cfg.seed,
         }
