@@ -262,14 +262,18 @@ def evaluate_policy(
     base_metrics, base_rows = score_policy(rows, base_out.texts)
     block = {"base": {"metrics": base_metrics, "outputs_cached": base_outputs is not None}, "adapters": []}
     samples = {"base": base_rows}
+    base_curves: dict[str, dict] = {}  # by refusal opening: two adapters of one persona share the base's curve
     for target in targets:
         out = generate_outputs(handle, rows, target.name, settings, progress)
         metrics, per_row = score_policy(rows, out.texts)
         curve = discrimination(handle, rows, target.name, target.persona, [r["refused"] for r in per_row])
-        base_curve = discrimination(handle, rows, None, target.persona, [r["refused"] for r in base_rows])
         for row, score in zip(per_row, curve.pop("scores"), strict=True):
             row["refusal_score"] = score
-        base_curve.pop("scores")
+        if curve["opening"] not in base_curves:
+            base = discrimination(handle, rows, None, target.persona, [r["refused"] for r in base_rows])
+            base.pop("scores")
+            base_curves[curve["opening"]] = base
+        base_curve = base_curves[curve["opening"]]
         block["adapters"].append(
             {
                 "name": target.name,

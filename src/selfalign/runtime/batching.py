@@ -522,10 +522,9 @@ def complete_all(
     and early stop (`until`). `progress(1)` hears of each prompt as it finishes. Used by the local teacher and eval."""
     from selfalign.errors import SelfAlignError
     from selfalign.runtime.chat import render_prompt
-    from selfalign.runtime.loader import check_context
+    from selfalign.runtime.loader import check_attached, check_context
 
-    if adapter is not None and adapter not in handle.attach_ids:
-        raise SelfAlignError(f"adapter {adapter!r} is not attached (resident: {sorted(handle.attach_ids)})")
+    check_attached(handle, adapter)
     tok = handle.tokenizer
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     out: list[Completion | None] = [None] * len(prompts)

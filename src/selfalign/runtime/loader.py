@@ -370,6 +370,12 @@ def generate(
     return Generation(decoded, lengths, completion, seconds, name)
 
 
+def check_attached(handle: BaseModelHandle, adapter: str | None) -> None:
+    """Refuse an adapter name (None: the base) that is not resident on `handle`."""
+    if adapter is not None and adapter not in handle.attach_ids:
+        raise SelfAlignError(f"adapter {adapter!r} is not attached (resident: {sorted(handle.attach_ids)})")
+
+
 def check_context(handle: BaseModelHandle, prompt_tokens: int, max_new_tokens: int) -> None:
     """Refuse a prompt that, with `max_new_tokens` more, would overflow the model's context window."""
     if prompt_tokens + max_new_tokens > handle.context_window:

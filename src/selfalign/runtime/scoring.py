@@ -8,10 +8,9 @@ import contextlib
 
 import torch
 
-from selfalign.errors import SelfAlignError
 from selfalign.runtime.batching import RowLoRA
 from selfalign.runtime.chat import render_prompt
-from selfalign.runtime.loader import BASE, BaseModelHandle
+from selfalign.runtime.loader import BASE, BaseModelHandle, check_attached
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -40,8 +39,7 @@ def continuation_logprobs(
 ) -> list[float]:
     """log p(continuation | prompt) on `adapter` (None: the base), summed over the continuation's tokens. One
     continuation for every prompt, or one each."""
-    if adapter is not None and adapter not in handle.attach_ids:
-        raise SelfAlignError(f"adapter {adapter!r} is not attached (resident: {sorted(handle.attach_ids)})")
+    check_attached(handle, adapter)
     tok = handle.tokenizer
     tails = [continuation] * len(prompts) if isinstance(continuation, str) else list(continuation)
     rows = [
