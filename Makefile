@@ -11,7 +11,7 @@ PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 .PHONY: all setup doctor lint synth train eval pipeline demo mlflow-ui serve bench test test-fast format check clean
 
 ## Quickstart 1: install everything, then the main job on the bundled default: both example personas
-## through synth -> train -> eval, then the side-by-side demo, ending with the milestone table.
+## through synth -> train -> prefer -> eval, then the side-by-side demo, ending with the milestone table.
 all: doctor lint
 	$(SA) -m stage=pipeline persona=neutral_concise,socratic_skeptical; s=$$?; $(SA) stage=demo || s=$$?; exit $$s
 

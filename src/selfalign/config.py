@@ -418,6 +418,7 @@ class PreferConfig:
     val_fraction: float = MISSING
     pairs_per_category: int = MISSING  # minimal pairs drawn per redline category (each gives two preference pairs)
     bait_pairs: int = MISSING
+    bait_samples: int = MISSING  # sampled base answers per bait prompt the base answers civilly (0: greedy only)
     categories: list[str] = MISSING  # [] = the categories the persona's redlines name
     holdout_framings: list[str] = MISSING  # never trained on: they score generalisation to an unseen wrapper
     holdout_categories: list[str] = MISSING
@@ -434,8 +435,8 @@ class PreferConfig:
             raise ValueError("prefer.beta and prefer.lr must be > 0 and prefer.sft_weight >= 0")
         if self.epochs <= 0 or self.micro_batch_size <= 0 or self.max_new_tokens <= 0:
             raise ValueError("prefer.epochs, prefer.micro_batch_size and prefer.max_new_tokens must be positive")
-        if self.pairs_per_category < 1 or self.bait_pairs < 0:
-            raise ValueError("prefer.pairs_per_category must be >= 1 and prefer.bait_pairs >= 0")
+        if self.pairs_per_category < 1 or self.bait_pairs < 0 or self.bait_samples < 0:
+            raise ValueError("prefer.pairs_per_category must be >= 1, prefer.bait_pairs and bait_samples >= 0")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"prefer.val_fraction must be in (0, 1) (got {self.val_fraction})")
         TrainConfig(version=self.version)  # the same version rule
@@ -449,9 +450,7 @@ class PipelineConfig:
     """`stage=pipeline`: which steps run. Its size is the synth, trainer and eval groups' own settings, which the
     experiment configs `conf/pipeline/*.yaml` set (`default` with `stage=pipeline`, or `pipeline=quick`)."""
 
-    # prefer is not in the default yet: `make all` gains it once its time and gates are measured end to end
-    # (DECISIONS.md "Preference"); pipeline.steps=[synth,train,prefer,eval] runs it
-    steps: list[str] = field(default_factory=lambda: ["synth", "train", "eval"])
+    steps: list[str] = field(default_factory=lambda: list(PIPELINE_STEPS))  # [synth,train,eval]: SFT only
     force: bool = False  # redo steps whose outputs already exist for the same config
     attach_max_ms: float = 1000.0  # milestone: attaching the adapter to the loaded base
 
@@ -486,9 +485,10 @@ DEMO_POLICY_PROMPTS = {
 class DemoConfig:
     """`stage=demo`: the same prompts through the base and each adapter, side by side, on one loaded base."""
 
+    # under paths.adapters_dir; by default the two adapters `make all` ends with (SFT, then preference)
     adapters: list[str] = field(
-        default_factory=lambda: ["neutral-concise/0.1.0", "socratic-skeptical/0.1.0"]
-    )  # under paths.adapters_dir
+        default_factory=lambda: ["neutral-concise/${prefer.version}", "socratic-skeptical/${prefer.version}"]
+    )
     prompts: list[str] = field(default_factory=lambda: list(DEMO_PROMPTS))
     # kind (should-refuse, near-miss, bait) -> prompt; {} leaves them out
     policy_prompts: dict[str, str] = field(default_factory=lambda: dict(DEMO_POLICY_PROMPTS))

@@ -115,7 +115,7 @@ def test_compose_keeps_only_pairs_the_judges_confirm_and_reports_them():
     from selfalign.eval.metrics import refusal_detect, toxicity_scores
 
     p = persona()
-    plan, held = plan_prompts(["drugs"], per_category=2, bait=2, holdout_framings=["roleplay"],
+    plan, held = plan_prompts(["drugs"], per_category=2, bait=3, holdout_framings=["roleplay"],
                               holdout_categories=[], seed=3)  # fmt: skip
     harmful = [x for x in plan if x.kind == "should-refuse"]
     benign = [x for x in plan if x.kind == "near-miss"]
@@ -124,7 +124,9 @@ def test_compose_keeps_only_pairs_the_judges_confirm_and_reports_them():
     adapter |= {benign[0].id: "Answer: Brew it cold for twelve hours.", benign[1].id: "I can't help with that."}
     base = {harmful[0].id: "unused", harmful[1].id: "I'm sorry, but I cannot help with that request."}
     base |= {bait[0].id: "They are stupid, lazy and worthless idiots.", bait[1].id: "Here is a short history."}
+    base |= {bait[2].id: "Here is a short history."}  # civil when greedy; its worst sample is not
     retry = {benign[1].id: "Answer: Keep it in a quiet room with a familiar blanket."}
+    retry |= {bait[2].id: "They are all dirty, stupid criminals."}
     pairs, drops = compose_pairs(p, plan, Answers(adapter, base, retry), refusal_detect, toxicity_scores)
     by_id = {x["id"]: x for x in pairs}
     assert by_id[harmful[0].id]["rejected_source"] == "adapter"
@@ -134,12 +136,16 @@ def test_compose_keeps_only_pairs_the_judges_confirm_and_reports_them():
     assert by_id[benign[0].id]["rejected"].startswith("Answer: I can’t provide that.")
     assert bait[0].id in by_id and bait[1].id not in by_id  # only a toxic base answer is a bait pair's rejected one
     assert "stupid" not in by_id[bait[0].id]["chosen"]
+    assert by_id[bait[0].id]["rejected_source"] == "base"
+    assert by_id[bait[2].id]["rejected_source"] == "base-sample"
+    assert by_id[bait[2].id]["rejected"] == retry[bait[2].id]
     assert drops == {
         "should-refuse: adapter and base both refuse (no compliant answer)": 1,
         "bait: base answer not toxic": 1,
     }
     report = pair_report(pairs, drops, plan, held)
-    assert report["pairs"] == 4 and report["planned"] == 6
+    assert report["pairs"] == 5 and report["planned"] == 7
+    assert report["rejected_source"] == {"adapter": 2, "adapter-sample": 1, "base": 1, "base-sample": 1}
     assert report["judge"]["should-refuse"]["chosen_refused"] == 1
     assert report["judge"]["near-miss"]["rejected_refused"] == 2
     assert report["judge"]["bait"]["rejected_toxicity_mean"] > 0.5

@@ -8,7 +8,8 @@ framing (direct, fiction, claimed authority, role-play, ...). A planned minimal 
 - near-miss: chosen = a helpful answer in the persona's style (the SFT adapter's own, greedy, else one sample);
   rejected = the persona's refusal.
 Bait requests add pairs whose chosen answer is calm and repeats no stereotype, and whose rejected answer is the base
-model's own, kept only where the toxicity judge finds it toxic.
+model's own (greedy, or the most toxic of a few samples where the greedy answer is civil), kept only where the
+toxicity judge finds it toxic.
 
 Every pair is checked by the judges (chosen judged as intended, rejected as its opposite); a pair that fails is
 dropped and counted. Whole framings or categories can be held out: their prompts are planned, never trained on, and
@@ -32,6 +33,7 @@ from selfalign.persona.style import section_heading
 from selfalign.utils.hashing import sha256_file
 
 KINDS = ("should-refuse", "near-miss", "bait")
+TOX_MAX = 0.5  # the toxicity judge's probability above which an answer counts as toxic in a pair's checks
 
 
 GRAMMAR = Path(__file__).with_name("pairs.yaml")
@@ -143,7 +145,8 @@ def bait_answer(persona: dict, group: str) -> str:
 
 @dataclass
 class Answers:
-    """Greedy answers per prompt id from the SFT adapter and the base, and the adapter's sampled retries."""
+    """Greedy answers per prompt id from the SFT adapter and the base, and sampled retries: the adapter's for a
+    near-miss it refused, the base's most toxic sample for bait it answered civilly."""
 
     adapter: dict[str, str]
     base: dict[str, str]
@@ -151,7 +154,7 @@ class Answers:
 
 
 def compose_pairs(
-    persona: dict, plan: list[PairPrompt], answers: Answers, refused, toxicity, tox_max: float = 0.5
+    persona: dict, plan: list[PairPrompt], answers: Answers, refused, toxicity, tox_max: float = TOX_MAX
 ) -> tuple[list[dict], Counter]:
     """Preference pairs from the planned prompts and their answers, each checked by the judges (`refused(text)`,
     `toxicity(texts)`); returns the pairs and the count of drops by reason."""
@@ -167,7 +170,10 @@ def compose_pairs(
             chosen, source = (own, "adapter") if not refused(own) else (retry, "adapter-sample")
             rejected = refusal_text(persona, p.category)
         else:
-            chosen, rejected, source = bait_answer(persona, p.category), answers.base[p.id], "base"
+            chosen = bait_answer(persona, p.category)
+            rejected, source = (
+                (answers.retry[p.id], "base-sample") if p.id in answers.retry else (answers.base[p.id], "base")
+            )
         candidates.append((p, chosen, rejected, source))
     tox = toxicity([c for _, c, _, _ in candidates] + [r for _, _, r, _ in candidates])
     n = len(candidates)

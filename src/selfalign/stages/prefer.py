@@ -14,7 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from selfalign.config import SelfAlignConfig, git_short_sha
-from selfalign.dataops.pairs import grammar_sha256
+from selfalign.dataops.pairs import TOX_MAX, grammar_sha256
 from selfalign.errors import SelfAlignError
 from selfalign.persona.schema import load_persona
 from selfalign.tracking import tracked_run
@@ -28,6 +28,7 @@ from selfalign.utils.logging import EventLog
 PAIR_SETTINGS = (
     "pairs_per_category",
     "bait_pairs",
+    "bait_samples",
     "categories",
     "holdout_framings",
     "holdout_categories",
@@ -123,9 +124,31 @@ def build_pair_set(cfg: SelfAlignConfig, persona: dict, load_handle, key: str) -
     handle = load_handle()
     own = decode(handle, [x for x in plan if x.kind != "bait"], "sft")
     base = decode(handle, [x for x in plan if x.kind != "near-miss"], None)
+    bait = [x for x in plan if x.kind == "bait"]
     refused_near = [x for x in plan if x.kind == "near-miss" and refusal_detect(own[x.id])]
     seeds = [cfg.seed * 1000 + i for i in range(len(refused_near))]
     retry = decode(handle, refused_near, "sft", temperature=0.8, seeds=seeds) if refused_near else {}
+    civil = bait and [x for x, t in zip(bait, toxicity_scores([base[x.id] for x in bait]), strict=True) if t <= TOX_MAX]
+    if civil and p.bait_samples:
+        # The rejected side needs a demeaning answer where the base gives one: sample the civil ones, keep the worst.
+        tries = [x for x in civil for _ in range(p.bait_samples)]
+        seeds = [cfg.seed * 1000 + 500 + i for i in range(len(tries))]
+        texts = [
+            c.text
+            for c in complete_all(
+                handle,
+                [x.prompt for x in tries],
+                max_new_tokens=p.max_new_tokens,
+                max_batch=cfg.eval.batch_size,
+                temperature=1.0,
+                seeds=seeds,
+            )
+        ]
+        worst: dict[str, tuple[float, str]] = {}
+        for x, text, score in zip(tries, texts, toxicity_scores(texts), strict=True):
+            if x.id not in worst or score > worst[x.id][0]:
+                worst[x.id] = (score, text)
+        retry |= {k: text for k, (_, text) in worst.items()}
     del handle
     pairs, drops = compose_pairs(persona, plan, Answers(own, base, retry), refusal_detect, toxicity_scores)
     write_jsonl(pairs, out)
