@@ -11,7 +11,7 @@ from selfalign.eval.milestone import milestone_row
 from selfalign.eval.report import AdapterResult, EvalReport
 
 REPORTS = Path(__file__).resolve().parents[2] / "reports"
-SHIPPED = ["neutral-concise-0_1_0.json", "socratic-skeptical-0_1_0.json"]
+SHIPPED = ["neutral-concise-0_2_0.json", "socratic-skeptical-0_2_0.json"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -31,6 +31,11 @@ TINY = [
     "trainer.max_epochs=1",
     "eval.max_new_tokens=8",
     "eval.batch_size=50",
+    "prefer.categories=[drugs]",
+    "prefer.pairs_per_category=3",
+    "prefer.bait_pairs=2",
+    "prefer.max_new_tokens=8",
+    "prefer.epochs=1",
 ]
 
 
@@ -61,16 +66,24 @@ def runs(root) -> list[dict]:
     return [{"id": r.info.run_id, "name": r.info.run_name, "status": r.info.status, **r.data.tags} for r in found]
 
 
-def test_both_personas_run_synth_train_eval_under_nested_parents(both):
+def test_both_personas_run_synth_train_prefer_eval_under_nested_parents(both):
     root, proc = both
     # the tiny random model cannot pass the gates: the sweep ends with exit 1 and the milestone table
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "SelfAlign milestone" in proc.stdout and proc.stdout.count("fail") >= 2
+    assert proc.stdout.count("held-out discrimination ROC-AUC") == 2
     for pid in ("neutral-concise", "socratic-skeptical"):
         assert (root / "adapters" / pid / "0.1.0" / "adapter_model.safetensors").is_file()
-        report = json.loads((root / "reports" / f"{pid}-0_1_0.json").read_text())
+        manifest = json.loads((root / "adapters" / pid / "0.2.0" / "manifest.json").read_text())
+        assert [s["stage"] for s in manifest["stages"]] == ["sft", "prefer"]
+        # eval took the last adapter produced: preference, then SFT
+        report = json.loads((root / "reports" / f"{pid}-0_2_0.json").read_text())
         assert report["adapters"][0]["persona_id"] == pid and report["adapters"][0]["attach_ms"] < 1000
+        assert report["adapters"][0]["version"] == "0.2.0"
+        assert report["policy"]["adapters"][0]["metrics"]["discrimination"]["roc_auc"] is not None
+        assert not (root / "reports" / f"{pid}-0_1_0.json").exists()
     assert (root / "data" / "sft" / "neutral_concise.jsonl").is_file()
+    assert (root / "data" / "pairs" / "socratic_skeptical.report.json").is_file()
     summaries = sorted((root / "output" / "multirun" / "pipeline").glob("*/*/pipeline_summary.json"))
     rows = [json.loads(p.read_text())["milestone"] for p in summaries]
     assert [r["persona_id"] for r in rows] == ["neutral-concise", "socratic-skeptical"]
@@ -83,8 +96,8 @@ def test_both_personas_run_synth_train_eval_under_nested_parents(both):
     pipelines = [r for r in found if r.get("kind") == "pipeline"]
     assert sorted(r["persona_id"] for r in pipelines) == ["neutral-concise", "socratic-skeptical"]
     assert all(r["mlflow.parentRunId"] == sweep["id"] for r in pipelines)
-    steps = [r for r in found if r.get("stage") in ("synth", "train", "eval")]
-    assert len(steps) == 6
+    steps = [r for r in found if r.get("stage") in ("synth", "train", "prefer", "eval")]
+    assert len(steps) == 8
     assert all(by_id[r["mlflow.parentRunId"]]["kind"] == "pipeline" for r in steps)
     assert all(r["status"] == "FINISHED" for r in found)
 
@@ -94,7 +107,7 @@ def test_rerun_skips_every_step_done_for_the_same_config(both):
     before = len(runs(root))
     proc = selfalign(root, "stage=pipeline", "persona=neutral_concise", *TINY)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert proc.stdout.count("skipped") == 3
+    assert proc.stdout.count("skipped") == 4
     assert len(runs(root)) == before + 1  # only the new parent run; every step was skipped
 
 
@@ -104,7 +117,7 @@ def test_demo_prints_both_adapters_side_by_side_and_the_milestone(both):
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     assert "10 demo prompts on tiny-llama" in proc.stdout and "SelfAlign milestone" in proc.stdout
     demo = json.loads((root / "reports" / "demo.json").read_text())
-    assert set(demo["outputs"]) == {"base", "neutral-concise-0_1_0", "socratic-skeptical-0_1_0"}
+    assert set(demo["outputs"]) == {"base", "neutral-concise-0_2_0", "socratic-skeptical-0_2_0"}
     assert all(len(v) == 10 for v in demo["outputs"].values())
     # the three policy prompts, judged per model with the real judges
     assert set(demo["policy"]) == {"should-refuse", "near-miss", "bait"}
@@ -162,7 +175,7 @@ def test_mlflow_ui_serves_the_logged_runs_and_stops_cleanly(both):
         assert status == 200
         logged = body["runs"]
         names = {r["info"]["run_name"] for r in logged}
-        assert {"pipeline-neutral-concise", "train-socratic-skeptical-0.1.0", "eval-neutral-concise-0_1_0"} <= names
+        assert {"pipeline-neutral-concise", "train-socratic-skeptical-0.1.0", "eval-neutral-concise-0_2_0"} <= names
         status, body = http("GET", f"{url}/api/2.0/mlflow/registered-models/get?name=socratic-skeptical")
         assert status == 200 and body["registered_model"]["name"] == "socratic-skeptical"
         top = {
@@ -194,25 +207,17 @@ def test_mlflow_ui_serves_the_logged_runs_and_stops_cleanly(both):
     assert not live_group()  # no stray workers (uvicorn, MLflow's job runners) left behind
 
 
-def test_pipeline_with_the_preference_step_evaluates_its_adapter(both):
-    """`pipeline.steps=[train,prefer,eval]` after the sweep above: train is skipped (done), prefer continues the SFT
-    adapter, and eval takes the adapter prefer produced; every step's run sits under the pipeline's parent."""
+def test_pipeline_steps_choose_what_runs_and_eval_takes_the_last_adapter(both):
+    """`pipeline.steps=[synth,train,eval]` after the run above: synth and train are skipped (done), prefer does not
+    run, and eval takes the SFT adapter; every step's run sits under the pipeline's parent."""
     root, _ = both
-    small = ["prefer.categories=[drugs]", "prefer.pairs_per_category=3", "prefer.bait_pairs=0"]
-    small += ["prefer.max_new_tokens=8", "prefer.epochs=1"]
-    proc = selfalign(
-        root, "stage=pipeline", "persona=neutral_concise", "pipeline.steps=[train,prefer,eval]", *TINY, *small
-    )
+    before = {r["id"] for r in runs(root)}
+    proc = selfalign(root, "stage=pipeline", "persona=neutral_concise", "pipeline.steps=[synth,train,eval]", *TINY)
     assert proc.returncode == 1, proc.stderr[-3000:]  # random weights: the gates fail
-    assert "held-out discrimination ROC-AUC" in proc.stdout
-    report = json.loads((root / "reports" / "neutral-concise-0_2_0.json").read_text())
-    assert report["adapters"][0]["version"] == "0.2.0"
-    assert report["policy"]["adapters"][0]["metrics"]["discrimination"]["roc_auc"] is not None
-    manifest = json.loads((root / "adapters" / "neutral-concise" / "0.2.0" / "manifest.json").read_text())
-    assert [s["stage"] for s in manifest["stages"]] == ["sft", "prefer"]
-    found = runs(root)
-    by_id = {r["id"]: r for r in found}
-    parent = by_id[next(r for r in found if r.get("stage") == "prefer")["mlflow.parentRunId"]]
-    assert parent["kind"] == "pipeline" and parent["persona_id"] == "neutral-concise"
-    children = {r["stage"] for r in found if r.get("mlflow.parentRunId") == parent["id"]}
-    assert children == {"prefer", "eval"}  # train was skipped: no run for it
+    assert "held-out discrimination" not in proc.stdout and proc.stdout.count("skipped") == 2
+    report = json.loads((root / "reports" / "neutral-concise-0_1_0.json").read_text())
+    assert report["adapters"][0]["version"] == "0.1.0"
+    new = [r for r in runs(root) if r["id"] not in before]
+    (parent,) = [r for r in new if r.get("kind") == "pipeline"]
+    assert parent["persona_id"] == "neutral-concise"
+    assert {r["stage"] for r in new if r.get("mlflow.parentRunId") == parent["id"]} == {"eval"}
