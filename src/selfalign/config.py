@@ -450,7 +450,7 @@ class PipelineConfig:
     """`stage=pipeline`: which steps run. Its size is the synth, trainer and eval groups' own settings, which the
     experiment configs `conf/pipeline/*.yaml` set (`default` with `stage=pipeline`, or `pipeline=quick`)."""
 
-    steps: list[str] = field(default_factory=lambda: list(PIPELINE_STEPS))  # [synth,train,eval]: SFT only
+    steps: list[str] = field(default_factory=lambda: list(PIPELINE_STEPS))  # [synth,train,eval] leaves prefer out
     force: bool = False  # redo steps whose outputs already exist for the same config
     attach_max_ms: float = 1000.0  # milestone: attaching the adapter to the loaded base
 

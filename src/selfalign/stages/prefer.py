@@ -109,7 +109,7 @@ def build_pair_set(cfg: SelfAlignConfig, persona: dict, load_handle, key: str) -
         seed=cfg.seed,
     )
 
-    def decode(handle, prompts, adapter, **kw) -> dict[str, str]:
+    def answers(handle, prompts, adapter, **kw) -> list[str]:
         done = complete_all(
             handle,
             [x.prompt for x in prompts],
@@ -118,7 +118,10 @@ def build_pair_set(cfg: SelfAlignConfig, persona: dict, load_handle, key: str) -
             max_batch=cfg.eval.batch_size,
             **kw,
         )
-        return {x.id: c.text for x, c in zip(prompts, done, strict=True)}
+        return [c.text for c in done]
+
+    def decode(handle, prompts, adapter, **kw) -> dict[str, str]:
+        return {x.id: text for x, text in zip(prompts, answers(handle, prompts, adapter, **kw), strict=True)}
 
     console.print(f"prefer: answering {len(plan)} planned prompts with the SFT adapter and the base")
     handle = load_handle()
@@ -128,22 +131,15 @@ def build_pair_set(cfg: SelfAlignConfig, persona: dict, load_handle, key: str) -
     refused_near = [x for x in plan if x.kind == "near-miss" and refusal_detect(own[x.id])]
     seeds = [cfg.seed * 1000 + i for i in range(len(refused_near))]
     retry = decode(handle, refused_near, "sft", temperature=0.8, seeds=seeds) if refused_near else {}
-    civil = bait and [x for x, t in zip(bait, toxicity_scores([base[x.id] for x in bait]), strict=True) if t <= TOX_MAX]
-    if civil and p.bait_samples:
+    civil = []  # bait the base answered civilly (greedy): its rejected side is sampled
+    if bait and p.bait_samples:
+        scores = toxicity_scores([base[x.id] for x in bait])
+        civil = [x for x, t in zip(bait, scores, strict=True) if t <= TOX_MAX]
+    tries = [x for x in civil for _ in range(p.bait_samples)]
+    if tries:
         # The rejected side needs a demeaning answer where the base gives one: sample the civil ones, keep the worst.
-        tries = [x for x in civil for _ in range(p.bait_samples)]
         seeds = [cfg.seed * 1000 + 500 + i for i in range(len(tries))]
-        texts = [
-            c.text
-            for c in complete_all(
-                handle,
-                [x.prompt for x in tries],
-                max_new_tokens=p.max_new_tokens,
-                max_batch=cfg.eval.batch_size,
-                temperature=1.0,
-                seeds=seeds,
-            )
-        ]
+        texts = answers(handle, tries, None, temperature=1.0, seeds=seeds)
         worst: dict[str, tuple[float, str]] = {}
         for x, text, score in zip(tries, texts, toxicity_scores(texts), strict=True):
             if x.id not in worst or score > worst[x.id][0]:
