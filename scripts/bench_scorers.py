@@ -4,8 +4,9 @@
 
 The baseline, in the same run, is the previous toxicity judge's cost: embedding every window with the full
 six-layer all-MiniLM-L6-v2 in fp32 (its logistic-regression head on top took well under 1% of the time).
-Answers are drawn (seeded) from real-looking sentences, a few of them refusals or insults, so every rule and both
-scorers do their usual work. Prints JSON; the target is at most 15 s for both judges.
+The learned refusal judge (`selfalign.eval.refusal`, measured but not yet what `refusal_detect` calls) is timed
+beside the rules. Answers are drawn (seeded) from real-looking sentences, a few of them refusals or insults, so
+every rule and both scorers do their usual work. Prints JSON; the target is at most 30 s for both judges.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from selfalign.eval.embedder import embed
 from selfalign.eval.metrics import max_over_windows, refusal_detect, toxicity_scores
+from selfalign.eval.refusal import shipped_judge
 
 SENTENCES = [
     "Rust gives you memory safety without a garbage collector, which matters for latency.",
@@ -63,7 +65,9 @@ def main() -> int:
     toxicity_scores(texts[:8])  # build the int8 scorer once per process
     build_s = time.perf_counter() - start
     embed(texts[:8])  # load the embedder
+    shipped_judge()(texts[:8])  # build the learned refusal judge's int8 encoder once
     refusal_s = timed(lambda t: [refusal_detect(x) for x in t], texts)
+    learned_s = timed(shipped_judge(), texts)
     toxicity_s = timed(toxicity_scores, texts)
     baseline_s = timed(lambda t: max_over_windows(t, lambda w: embed(w)[:, 0]), texts)
     print(
@@ -74,7 +78,9 @@ def main() -> int:
                 "refusal_s": round(refusal_s, 2),
                 "toxicity_s": round(toxicity_s, 2),
                 "both_s": round(refusal_s + toxicity_s, 2),
-                "target_s": 15.0,
+                "learned_refusal_s": round(learned_s, 2),
+                "both_with_learned_refusal_s": round(learned_s + toxicity_s, 2),
+                "target_s": 30.0,
                 "scorer_build_once_s": round(build_s, 2),
                 "baseline_toxicity_six_layer_fp32_s": round(baseline_s, 2),
                 "speedup_over_baseline": round(baseline_s / toxicity_s, 2),

@@ -60,6 +60,8 @@ def scored(y: list[int], predicted: list[bool]) -> dict:
 
 def report() -> dict:
     rows = load_rows()
+    unclear = sum(r["label"] == "unclear" for r in rows)
+    rows = [r for r in rows if r["label"] != "unclear"]  # RUBRIC.md: left out of every score
     detected = [refusal_detect(r["response"]) for r in rows]
     prefixed = [prefix_match(r["response"]) for r in rows]
     out: dict = {
@@ -68,6 +70,7 @@ def report() -> dict:
             "labels_sha256": sha256_file(LABELS),
             "rows": len(rows),
             "labels": {k: sum(r["label"] == k for r in rows) for k in ("compliance", "refusal", "partial")},
+            "unclear_left_out": unclear,
         },
         "splits": {},
     }

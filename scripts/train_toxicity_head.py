@@ -1,9 +1,11 @@
 """Train the toxicity judge shipped in src/selfalign/eval/data/ from public, human-labelled data plus our own sets.
 
-    python scripts/train_toxicity_head.py            # rebuild toxicity_head.{safetensors,json} (about 8 min, 2 cores)
+    python scripts/train_toxicity_head.py            # rebuild toxicity_head.{safetensors,json} (about 40 min, 2 cores)
     python scripts/train_toxicity_head.py --check    # rebuild in memory, fail if it differs from the shipped files
     python scripts/train_toxicity_head.py --check-first-epoch  # the first of the 5 epochs only (the test suite's)
     python scripts/train_toxicity_head.py --dev      # hold 20% of the training rows out, print dev AUC per epoch
+    python scripts/train_toxicity_head.py --loso     # only the leave-one-source-out block (4 fits, about 30 min)
+    python scripts/train_toxicity_head.py --suite    # only re-score the functional suite with the shipped head
 
 Sources (judge_data/README.md has their licences and sha256):
 - davidson: Davidson et al. 2017 tweets (MIT). `hate` -> 1, `neither` -> 0. The `offensive` class is left out:
@@ -46,6 +48,7 @@ from safetensors.numpy import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from selfalign.eval.encoder import tokenizer  # noqa: E402
 from selfalign.eval.metrics import (  # noqa: E402
     TOXICITY_DATA,
     TOXICITY_SPLIT,
@@ -63,7 +66,6 @@ from selfalign.eval.toxicity import (  # noqa: E402
     add_lora,
     build_net,
     onnx_session,
-    tokenizer,
     trained_tensors,
 )
 from selfalign.utils.hashing import sha256_file  # noqa: E402
@@ -226,6 +228,40 @@ def training_rows(sources: dict[str, list[dict]], parts) -> tuple[list[str], np.
     return texts, y, sample_weights(src, y)
 
 
+def suite_block(score) -> dict:
+    """The functional suite (a test set, never trained on) scored as `toxicity_scores` scores, per function."""
+    suite = load_suite()
+    return {
+        "path": str(SUITE.relative_to(ROOT)),
+        "sha256": sha256_file(SUITE),
+        "grammar": "judge_data/toxicity/suite_grammar.yaml (scripts/build_functional_suite.py)",
+        "accuracy": suite_report(max_over_windows([r["text"] for r in suite], score), suite),
+    }
+
+
+def leave_one_source_out(sources: dict[str, list[dict]], parts) -> dict:
+    """For each source S: the shipped recipe fit on every row of every other source, S scored whole (and its held-out
+    split) through the int8 path; then the worst ROC-AUC. Choices are the shipped ones, fixed before this ran."""
+    out = {}
+    for held in sources:
+        texts, y, src = [], [], []
+        for name, rows in sources.items():
+            if name != held:
+                texts += [r["text"] for r in rows]
+                y += [r["label"] for r in rows]
+                src += [name] * len(rows)
+        y_arr, src_arr = np.array(y), np.array(src)
+        score = Scorer(onnx_session(train(texts, y_arr, sample_weights(src_arr, y_arr))))
+        rows = sources[held]
+        labels = np.array([r["label"] for r in rows])
+        probs = max_over_windows([r["text"] for r in rows], score)
+        test = parts[held][1]
+        out[held] = {"all": scored(labels, probs), "heldout_split": scored(labels[test], probs[test])}
+        print(f"[loso] {held}: {json.dumps(out[held])}", file=sys.stderr, flush=True)
+    worst = min(out, key=lambda s: out[s]["all"]["roc_auc"])
+    return {"by_source": out, "worst": {"source": worst, "roc_auc": out[worst]["all"]["roc_auc"]}}
+
+
 def build() -> tuple[dict[str, np.ndarray], dict]:
     sources = load_sources()
     parts = splits(sources)
@@ -244,8 +280,6 @@ def build() -> tuple[dict[str, np.ndarray], dict]:
         rows = [sources[name][i] for i in parts[name][1]]
         probs = max_over_windows([r["text"] for r in rows], score)  # as toxicity_scores scores
         heldout[name] = scored(np.array([r["label"] for r in rows]), probs)
-    suite = load_suite()
-    suite_probs = max_over_windows([r["text"] for r in suite], score)
     paths = {"davidson": DAVIDSON, "toxigen": TOXIGEN, "project": TOXICITY_DATA, "contrast": CONTRAST}
     meta = {
         "architecture": ARCH,
@@ -274,11 +308,8 @@ def build() -> tuple[dict[str, np.ndarray], dict]:
         "selection": "epochs, LoRA rank and depth chosen with --dev on 20% of the training rows (DECISIONS.md)",
         "threshold": {"value": THRESHOLD, "note": "metrics count score >= value as toxic"},
         "heldout": heldout,
-        "functional_suite": {
-            "path": str(SUITE.relative_to(ROOT)),
-            "sha256": sha256_file(SUITE),
-            "accuracy": suite_report(suite_probs, suite),
-        },
+        "leave_one_source_out": leave_one_source_out(sources, parts),
+        "functional_suite": suite_block(score),
     }
     return tensors, meta
 
@@ -299,6 +330,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the shipped files instead of writing")
     parser.add_argument("--dev", action="store_true", help="selection run: dev ROC-AUC per epoch, writes nothing")
+    parser.add_argument("--suite", action="store_true", help="only re-score the functional suite with the shipped head")
+    parser.add_argument(
+        "--loso", action="store_true", help="only the leave-one-source-out block of the shipped metadata (4 fits)"
+    )
     parser.add_argument(
         "--check-first-epoch", action="store_true", help="train one epoch, compare with the shipped fingerprint"
     )
@@ -312,11 +347,32 @@ def main() -> int:
     if args.dev:
         sources = load_sources()
         return dev_run(sources, splits(sources))
+    if args.suite:
+        tensors = {k: v.astype(np.float32) for k, v in load_file(str(TOXICITY_HEAD)).items()}
+        meta = json.loads(Path(TOXICITY_META).read_text(encoding="utf-8"))
+        meta["functional_suite"] = suite_block(Scorer(onnx_session(tensors)))
+        Path(TOXICITY_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(meta["functional_suite"]["accuracy"]))
+        return 0
+    if args.loso:
+        sources = load_sources()
+        meta = json.loads(Path(TOXICITY_META).read_text(encoding="utf-8"))
+        meta["leave_one_source_out"] = leave_one_source_out(sources, splits(sources))
+        Path(TOXICITY_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(meta["leave_one_source_out"]["worst"]))
+        return 0
     tensors, meta = build()
     text = json.dumps(meta, indent=1) + "\n"
     if args.check:
         shipped = load_file(str(TOXICITY_HEAD))
-        diffs = differences(json.loads(Path(TOXICITY_META).read_text(encoding="utf-8")), meta)
+        recorded = json.loads(Path(TOXICITY_META).read_text(encoding="utf-8"))
+        # Written by --loso and --suite on an AVX-512 VNNI CPU, the rest on AVX2: int8 sums differ between the two
+        # (DECISIONS.md), so these two blocks compare within that spread.
+        spread = {"leave_one_source_out", "functional_suite"}
+        diffs = differences(
+            {k: v for k, v in recorded.items() if k not in spread}, {k: v for k, v in meta.items() if k not in spread}
+        )
+        diffs += [d for k in spread for d in differences(recorded.get(k), meta.get(k), f".{k}", tol=1e-2)]
         max_diff = max(float(np.abs(shipped[k] - v).max()) for k, v in tensors.items())
         print(json.dumps({"metadata_differences": diffs, "max_tensor_difference": max_diff}))
         return 0 if not diffs and max_diff < 1e-4 else 1

@@ -7,6 +7,7 @@ metric read back from a file. The toxicity tests compute everything from the shi
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 
@@ -298,16 +299,22 @@ def test_shipped_head_matches_training_data():
     assert shapes["lora.1.intermediate.dense.B"] == (1536, 16)
 
 
-@pytest.mark.slow
-def test_contrast_sentences_are_not_suite_cases():
-    """Our contrast training rows stay out of the test suite: every one is below cosine 0.80 to every case."""
-    from selfalign.eval.embedder import embed
+def _four_grams(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z0-9@*'$]+", text.lower())
+    return {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
 
+
+def test_functional_suite_is_a_generalisation_test():
+    """The suite is its grammar's output, has 30+ cases per function, and no case shares a run of four words
+    with any sentence the head is trained on (Davidson, ToxiGen, ours, contrast)."""
+    run_script_check("build_functional_suite.py")
     trainer = _trainer()
-    contrast = [r["text"] for r in load_labelled(trainer.CONTRAST)]
-    suite = [r["text"] for r in trainer.load_suite()]
-    assert len(contrast) >= 150 and not set(contrast) & set(suite)
-    assert float((embed(contrast) @ embed(suite).T).max()) < 0.80
+    suite = trainer.load_suite()
+    per_function = Counter(r["function"] for r in suite)
+    assert len(per_function) >= 13 and min(per_function.values()) >= 30
+    trained = set().union(*(_four_grams(r["text"]) for rows in trainer.load_sources().values() for r in rows))
+    shared = [r["text"] for r in suite if _four_grams(r["text"]) & trained]
+    assert not shared, shared[:5]
 
 
 # The judge's int8 matmuls are not the same on every CPU: on AVX2, ONNX Runtime sums u8 x s8 pairs with
@@ -363,7 +370,8 @@ def test_int8_onnx_path_agrees_with_the_torch_model():
     """The shipped scorer (int8, ONNX Runtime) against the same merged network in fp32 torch."""
     import torch
 
-    from selfalign.eval.toxicity import merged_net, read_head, shipped_scorer, tokenizer
+    from selfalign.eval.encoder import tokenizer
+    from selfalign.eval.toxicity import merged_net, read_head, shipped_scorer
 
     texts = TOXIC + NEUTRAL + ["Immigrants are not a plague; they are our neighbours.", "Go die, you stupid bitch."]
     net = merged_net(read_head()[0])

