@@ -45,7 +45,7 @@ from safetensors.numpy import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from train_toxicity_head import differences  # noqa: E402  (scripts/ is on sys.path when this runs)
+from train_toxicity_head import differences, sample_weights  # noqa: E402  (scripts/ is on sys.path when this runs)
 
 from selfalign.eval.metrics import REFUSAL_DATA, REFUSAL_SPLIT, binary_metrics, load_labelled, stratified_split  # noqa: E402
 from selfalign.eval.refusal import (  # noqa: E402
@@ -56,7 +56,7 @@ from selfalign.eval.refusal import (  # noqa: E402
     RULE_GROUPS,
     THRESHOLD,
     feature_session,
-    head_logits,
+    head_probabilities,
     rule_features,
     window_features,
 )
@@ -131,13 +131,7 @@ def fit(data: Features, idx: np.ndarray, rules: bool = True) -> dict[str, np.nda
     own = torch.from_numpy(owner)
     r = torch.from_numpy(rule_x if rules else np.zeros_like(rule_x))
     y = torch.from_numpy(data.y[idx].astype(np.float64))
-    weight = np.zeros(len(idx))
-    src = data.source[idx]
-    for s in sorted(set(src.tolist())):
-        for c in (0, 1):
-            m = (src == s) & (data.y[idx] == c)
-            if m.any():
-                weight[m] = 1.0 / m.sum()
+    weight = sample_weights(data.source[idx], data.y[idx])
     wt = torch.from_numpy(weight / weight.sum())
     w = torch.zeros(DIM, dtype=torch.float64, requires_grad=True)
     v = torch.zeros(len(RULE_GROUPS), dtype=torch.float64, requires_grad=True)
@@ -163,8 +157,7 @@ def fit(data: Features, idx: np.ndarray, rules: bool = True) -> dict[str, np.nda
 
 def predict(data: Features, tensors: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
     feats, owner, rules = data.subset(idx)
-    logits = head_logits(tensors, feats, owner, rules, len(idx))
-    return 1.0 / (1.0 + np.exp(-logits)) >= THRESHOLD
+    return head_probabilities(tensors, feats, owner, rules, len(idx)) >= THRESHOLD
 
 
 def scored(y, predicted) -> dict:

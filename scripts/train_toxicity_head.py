@@ -326,6 +326,14 @@ def differences(a, b, path: str = "", tol: float = 1e-4) -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
+def rewrite_block(key: str, value: dict) -> dict:
+    """Replace one block of the shipped metadata (read when the block is ready, so a long run loses no other edit)."""
+    meta = json.loads(Path(TOXICITY_META).read_text(encoding="utf-8"))
+    meta[key] = value
+    Path(TOXICITY_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the shipped files instead of writing")
@@ -349,17 +357,12 @@ def main() -> int:
         return dev_run(sources, splits(sources))
     if args.suite:
         tensors = {k: v.astype(np.float32) for k, v in load_file(str(TOXICITY_HEAD)).items()}
-        meta = json.loads(Path(TOXICITY_META).read_text(encoding="utf-8"))
-        meta["functional_suite"] = suite_block(Scorer(onnx_session(tensors)))
-        Path(TOXICITY_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        print(json.dumps(meta["functional_suite"]["accuracy"]))
+        print(json.dumps(rewrite_block("functional_suite", suite_block(Scorer(onnx_session(tensors))))["accuracy"]))
         return 0
     if args.loso:
         sources = load_sources()
-        meta = json.loads(Path(TOXICITY_META).read_text(encoding="utf-8"))
-        meta["leave_one_source_out"] = leave_one_source_out(sources, splits(sources))
-        Path(TOXICITY_META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        print(json.dumps(meta["leave_one_source_out"]["worst"]))
+        block = rewrite_block("leave_one_source_out", leave_one_source_out(sources, splits(sources)))
+        print(json.dumps(block["worst"]))
         return 0
     tensors, meta = build()
     text = json.dumps(meta, indent=1) + "\n"

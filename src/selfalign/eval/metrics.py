@@ -364,19 +364,25 @@ def text_windows(text: str, headings: bool = False) -> list[str]:
     return [" ".join(words[i : i + WINDOW_WORDS]) for i in starts]
 
 
+def windows_of(texts: list[str], headings: bool = False) -> tuple[list[str], np.ndarray]:
+    """Every `text_windows` window of every text, in order, and the index of the text each one belongs to."""
+    windows, owner = [], []
+    for i, text in enumerate(texts):
+        for window in text_windows(str(text), headings):
+            windows.append(window)
+            owner.append(i)
+    return windows, np.asarray(owner, dtype=int)
+
+
 def max_over_windows(texts: list[str], score_windows) -> np.ndarray:
     """Per text, the maximum of `score_windows(windows)` over its `text_windows` (0.0 when it has none).
 
     All windows of all texts go to `score_windows` in one call, so the embedder batches them together.
     """
-    windows, owner = [], []
-    for i, text in enumerate(texts):
-        for window in text_windows(str(text)):
-            windows.append(window)
-            owner.append(i)
+    windows, owner = windows_of(texts)
     scores = np.zeros(len(texts))
     if windows:
-        np.maximum.at(scores, np.asarray(owner), score_windows(windows))
+        np.maximum.at(scores, owner, score_windows(windows))
     return scores
 
 

@@ -81,27 +81,23 @@ def feature_session():
 def window_features(session, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(vectors of every window of every text, the index of the text each window belongs to)."""
     from selfalign.eval.encoder import run_one_by_one
-    from selfalign.eval.metrics import text_windows
+    from selfalign.eval.metrics import windows_of
 
-    windows, owner = [], []
-    for i, text in enumerate(texts):
-        for window in text_windows(str(text), headings=True):
-            windows.append(window)
-            owner.append(i)
+    windows, owner = windows_of(texts, headings=True)
     if not windows:
-        return np.zeros((0, DIM)), np.zeros(0, dtype=int)
-    return run_one_by_one(session, windows, ARCH["max_length"]), np.asarray(owner, dtype=int)
+        return np.zeros((0, DIM)), owner
+    return run_one_by_one(session, windows, ARCH["max_length"]), owner
 
 
-def head_logits(
+def head_probabilities(
     tensors: dict[str, np.ndarray], feats: np.ndarray, owner: np.ndarray, rules: np.ndarray, n: int
 ) -> np.ndarray:
-    """Per text: max over its windows of w·z + v·rules + b. A text with no window (blank) gets -inf."""
+    """Per text: sigmoid(max over its windows of w·z + v·rules + b). A text with no window (blank) gets 0."""
     window = ((feats - tensors["mean"]) / tensors["scale"]) @ tensors["w"] if len(feats) else np.zeros(0)
     best = np.full(n, -np.inf)
     if len(window):
         np.maximum.at(best, owner, window)
-    return best + rules @ tensors["v"] + tensors["b"][0]
+    return 1.0 / (1.0 + np.exp(-(best + rules @ tensors["v"] + tensors["b"][0])))
 
 
 def read_head(path: Path = REFUSAL_HEAD, meta_path: Path = REFUSAL_META) -> tuple[dict[str, np.ndarray], dict]:
@@ -123,8 +119,7 @@ class Judge:
         texts = [str(t) for t in texts]
         feats, owner = window_features(self.session, texts)
         rules = np.stack([rule_features(t) for t in texts]) if texts else np.zeros((0, len(RULE_GROUPS)))
-        logits = head_logits(self.tensors, feats, owner, rules, len(texts))
-        return 1.0 / (1.0 + np.exp(-logits))
+        return head_probabilities(self.tensors, feats, owner, rules, len(texts))
 
 
 @lru_cache(maxsize=1)
