@@ -96,6 +96,15 @@ def test_an_undeclared_key_fails_with_one_line_whether_or_not_appended(cli, over
     ]
 
 
+def test_ui_refuses_a_public_host_unless_said_explicitly(cli, compose_cfg):
+    proc = cli("stage=ui", "ui.host=0.0.0.0")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "ui.host=0.0.0.0 is reachable from other machines" in proc.stderr and "ui.allow_remote=true" in proc.stderr
+    typed = to_typed(compose_cfg(["stage=ui", "ui.host=0.0.0.0", "ui.allow_remote=true"]))
+    assert typed.ui.host == "0.0.0.0" and typed.ui.allow_remote
+    assert to_typed(compose_cfg(["stage=ui", "ui.host=localhost"])).ui.host == "localhost"
+
+
 def test_undeclared_keys_are_caught_after_composition_too(compose_cfg):
     """The same check on the composed config, where a key could also come from a config file."""
     with pytest.raises(SelfAlignError, match=r"config lora\.rr: not a setting"):

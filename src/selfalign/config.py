@@ -9,6 +9,7 @@ the edge.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import subprocess
 import typing
@@ -278,6 +279,23 @@ class DoctorConfig:
     min_ram_gb: float = 4.0
 
 
+MIN_TEMPERATURE = 0.01  # a smaller positive one overflows logits / temperature (inf - inf: NaN); 0 is greedy
+MAX_TEMPERATURE = 2.0  # OpenAI's upper bound
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+MAX_RUN_SEED = 2**32 - 1  # the run's `seed`: NumPy and Lightning take 32 bits
+
+
+def sampling_problem(temperature: float, top_p: float, seed: int | None = None) -> str | None:
+    """What is wrong with these sampling settings, or None: one rule for the CLI (`infer.*`) and the server."""
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (got {temperature})"
+    if not 0 < top_p <= 1:
+        return f"top_p must be in (0, 1] (got {top_p})"
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        return f"seed must be in 0..{MAX_SEED} (got {seed})"
+    return None
+
+
 @dataclass
 class InferConfig:
     """Decoding for `stage=infer` (greedy when temperature is 0)."""
@@ -287,8 +305,11 @@ class InferConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("infer: max_new_tokens > 0, temperature >= 0 and 0 < top_p <= 1 are required")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"infer.max_new_tokens must be > 0 (got {self.max_new_tokens})")
+        problem = sampling_problem(self.temperature, self.top_p)
+        if problem:
+            raise ValueError(f"infer.{problem}")
 
 
 @dataclass
@@ -304,6 +325,7 @@ class ServeConfig:
     max_tokens_limit: int = 1024  # a request asking for more gets a 400: no client holds a batch slot for long
     max_batch: int = 16  # rows decoded together, across the base and every resident adapter
     max_queue: int = 64  # requests waiting for a slot; one more gets a 429 with Retry-After
+    max_adapters: int = 8  # resident adapters (about 19 MB each for the 135M model's rank 16); one more gets a 400
     batch_wait_ms: float = 5.0  # an idle server waits this long for batch-mates before its first step
     timeout_s: float = 30.0  # stage=swap's HTTP timeout
 
@@ -315,7 +337,7 @@ class ServeConfig:
                 f"serve.max_new_tokens must be in 1..serve.max_tokens_limit ({self.max_new_tokens} vs "
                 f"{self.max_tokens_limit})"
             )
-        for name in ("max_batch", "max_queue"):
+        for name in ("max_batch", "max_queue", "max_adapters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve.{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.batch_wait_ms <= 1000:
@@ -500,6 +522,16 @@ class DemoConfig:
             raise ValueError(f"demo.policy_prompts: unknown kind {unknown} (use {', '.join(DEMO_POLICY_PROMPTS)})")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine only (`localhost` or a loopback address): what servers bind by default."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class UiConfig:
     """`stage=ui`: the MLflow UI over the project's tracking store (`tracking.*`)."""
@@ -507,10 +539,17 @@ class UiConfig:
     host: str = "127.0.0.1"
     port: int = 5000
     workers: int = 1
+    allow_remote: bool = False  # the UI has no authentication: a non-loopback ui.host needs this said explicitly
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"ui.port must be in 1..65535 (got {self.port})")
+        if not is_loopback(self.host) and not self.allow_remote:
+            raise ValueError(
+                f"ui.host={self.host} is reachable from other machines, and the MLflow UI has no login: every run, "
+                "dataset and adapter in the store would be open to them. Pass ui.allow_remote=true if that is meant, "
+                "or keep the default ui.host=127.0.0.1"
+            )
 
 
 @dataclass
@@ -542,6 +581,10 @@ class SelfAlignConfig:
     seed: int = 42
     debug: bool = False  # show full tracebacks for user errors
     tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_RUN_SEED:
+            raise ValueError(f"seed must be in 0..{MAX_RUN_SEED} (got {self.seed})")
 
 
 def _dataclass_of(annotation: Any) -> type | None:

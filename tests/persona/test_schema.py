@@ -9,11 +9,13 @@ import pytest
 import yaml
 
 from selfalign.config import PROJECT_ROOT
+from selfalign.errors import SelfAlignError
 from selfalign.persona.schema import (
     RULES,
     VALUE_AXES,
     lint_persona,
     lint_persona_files,
+    load_persona,
     persona_hash,
     validate_persona_yaml,
 )
@@ -219,6 +221,27 @@ def test_not_a_mapping(tmp_path, text, kind):
     assert issue.rule == "yaml.not-mapping" and f"this file is {kind}" in issue.message
 
 
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)  # 9^9 = 387 million leaves in about 300 bytes
+
+
+def test_alias_bomb_is_refused_before_parsing(tmp_path):
+    (issue,) = lint_persona(write(tmp_path, ALIAS_BOMB)).errors
+    assert len(ALIAS_BOMB) < 400
+    assert issue.rule == "yaml.alias" and (issue.line, issue.column) == (2, 8)
+    with pytest.raises(SelfAlignError, match=r"line 2, col 8\): YAML aliases \(\*name\) are not allowed"):
+        load_persona(write(tmp_path, ALIAS_BOMB))
+
+
+def test_file_is_capped_before_reading_it_all(tmp_path):
+    (issue,) = lint_persona("/dev/zero").errors  # endless: read up to the cap and no further
+    assert issue.rule == "file.too_large" and "larger than 1,048,576 bytes" in issue.message
+    big = tmp_path / "big.yaml"
+    big.write_text("id: x\n" + "# padding\n" * 120_000)
+    assert [i.rule for i in lint_persona(big).errors] == ["file.too_large"]
+
+
 def test_missing_file(tmp_path):
     (issue,) = lint_persona(tmp_path / "nope.yaml").errors
     assert issue.rule == "file.missing" and issue.message == "file not found"
@@ -235,7 +258,7 @@ def test_lint_persona_files_contract(tmp_path):
 
 def test_every_rule_is_documented_and_tested():
     tested = {c[0] for c in ERROR_CASES + WARNING_CASES}
-    tested |= {"yaml.syntax", "yaml.duplicate-key", "yaml.not-mapping", "file.missing"}
+    tested |= {"yaml.syntax", "yaml.duplicate-key", "yaml.not-mapping", "file.missing", "yaml.alias", "file.too_large"}
     assert set(RULES) - tested == {"file.unreadable"}
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert [r for r in RULES if f"| `{r}` |" not in readme] == []

@@ -111,6 +111,30 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(handle):
     assert sampled(0, seed=8) != alone
 
 
+def test_a_row_that_fails_in_the_batch_step_fails_alone(handle):
+    """Rows the server's door would refuse, sent straight to the scheduler: each is retired with its own error, and
+    its batch-mates finish with the answers they give alone."""
+    refs = {a: generate(handle, [PROMPTS[1]], max_new_tokens=10, adapter=a or "base").texts[0] for a in (None, "alpha")}
+    batcher = Batcher(handle, max_batch=8, wait_ms=50).start()
+    try:
+        got = Collector()
+        batcher.submit(job(handle, PROMPTS[1], None, got, "base", max_new=10))
+        batcher.submit(job(handle, PROMPTS[0], "alpha", got, "tiny-t", temperature=1e-40, seed=1))  # inf - inf: NaN
+        batcher.submit(job(handle, PROMPTS[1], "alpha", got, "alpha", max_new=10))
+        batcher.submit(job(handle, PROMPTS[2], "beta", got, "seed", temperature=0.7, seed=2**70))  # over 64 bits
+        got.wait()
+    finally:
+        batcher.close()
+    assert got.final("base").kind == "done" and got.final("base").text == refs[None]
+    assert got.final("alpha").kind == "done" and got.final("alpha").text == refs["alpha"]
+    failed = got.final("tiny-t")
+    assert (failed.kind, failed.status, failed.code) == ("error", 500, "generation_failed")
+    assert failed.text.startswith("sampling failed: probability tensor contains either `inf`, `nan`")
+    bad_seed = got.final("seed")
+    assert (bad_seed.kind, bad_seed.status, bad_seed.code) == ("error", 400, "invalid_request")
+    assert bad_seed.text.startswith(f"seed {2**70}: ")
+
+
 def test_stop_strings_cut_the_answer_and_never_stream_past_it(handle):
     ref = generate(handle, [PROMPTS[1]], max_new_tokens=24, adapter="alpha").texts[0]
     words = ref.split()

@@ -254,6 +254,33 @@ def test_refuses_missing_dir_and_missing_manifest(tiny, adapters, root):
     refused(tiny, "bare", root, r"not an adapter dir, missing manifest\.json")
 
 
+def test_adapter_names_and_the_resident_cap(tiny, adapters, root):
+    copy_adapter(adapters / "A", root / "A")
+    copy_adapter(adapters / "B", root / "B")
+    for name, message in [
+        ("tiny-llama", r"'tiny-llama' already names the base model"),
+        ("none", r"'none' already names the base model"),
+        ("-x", r"'-x' is not a slug"),
+        ("x" * 65, r"is not a slug: 1-64 letters"),
+    ]:
+        with pytest.raises(SelfAlignError, match=message):
+            apply_adapter(tiny, "A", root=root, name=name)
+    with pytest.raises(SelfAlignError, match=r"'live' already names the server's alias"):
+        apply_adapter(tiny, "A", root=root, name="live", reserved=("live",))
+    assert tiny.adapters == {}
+    try:
+        assert apply_adapter(tiny, "A", root=root, max_adapters=1) == "A"
+        assert apply_adapter(tiny, "A", root=root, max_adapters=1) == "A"  # the same one again: no new copy
+        with pytest.raises(SelfAlignError, match=r"is already loaded as 'A': one copy per adapter"):
+            apply_adapter(tiny, "A", root=root, name="A2")
+        with pytest.raises(SelfAlignError, match=r"1 adapters are resident, the most .* \(serve.max_adapters\)"):
+            apply_adapter(tiny, "B", root=root, max_adapters=1)
+        assert list(tiny.adapters) == ["A"]
+    finally:
+        unload_adapter(tiny, "A")
+    assert tiny.adapters == {}
+
+
 def test_refuses_pickle_weights(tiny, adapters, root):
     pickled = copy_adapter(adapters / "A", root / "pickled")
     (pickled / "adapter_model.safetensors").unlink()

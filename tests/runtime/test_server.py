@@ -147,6 +147,19 @@ def test_models_chat_swap_and_stream(setup):
         ("POST", "/v1/adapters", {"path": "../outside"}, 400, "contains '..'"),
         ("POST", "/v1/adapters", {"path": "/etc"}, 400, "resolves outside the adapter root"),
         ("POST", "/v1/adapters", {"path": "missing/1.0.0"}, 400, "not found under"),
+        ("POST", "/v1/adapters", {"path": "alpha/0.0.0", "name": "tiny-llama"}, 400, "already names the base model"),
+        ("POST", "/v1/adapters", {"path": "alpha/0.0.0", "name": "selfalign"}, 400, "names the server's alias"),
+        ("POST", "/v1/adapters", {"path": "alpha/0.0.0", "name": "n" * 5000}, 400, "(5000 characters) is not a slug"),
+        ("POST", "/v1/adapters", {"path": "alpha/0.0.0", "name": "a b"}, 400, "'a b' is not a slug"),
+        ("POST", "/v1/adapters", {"path": "alpha/0.0.0", "name": "copy"}, 400, "is already loaded as 'alpha'"),
+        ("POST", "/v1/adapters", {"path": "alpha\u0000/0.0.0"}, 400, "holds a NUL or other control character"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"model": "alpha", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+            400,
+            "messages.0.content: holds '\\ud800' at character 3: not valid Unicode text",
+        ),
         ("POST", "/v1/adapters/swap", {"name": "ghost"}, 404, "adapter 'ghost' is not loaded"),
         ("DELETE", "/v1/adapters/ghost", None, 404, "not loaded"),
         ("GET", "/v1/nothing", None, 404, "Not Found"),
@@ -215,11 +228,11 @@ def test_a_client_that_hangs_up_before_a_plain_answer_frees_its_slot(setup):
             f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
         )
-        while http("GET", f"{server.url}/health")[1]["queue"]["running"] == 0:
+        while http("GET", f"{server.url}/v1/status")[1]["queue"]["running"] == 0:
             assert time.perf_counter() - start < 60
             time.sleep(0.02)
     hung_up = time.perf_counter()
-    while http("GET", f"{server.url}/health")[1]["queue"]["running"] != 0:
+    while http("GET", f"{server.url}/v1/status")[1]["queue"]["running"] != 0:
         time.sleep(0.02)
     assert time.perf_counter() - hung_up < full / 4  # it left the batch, not finished its 1,000 tokens
 
@@ -268,6 +281,16 @@ def test_api_key_is_required_when_configured(setup):
         assert status == 401
         client = OpenAI(base_url=f"{server.url}/v1", api_key="s3cret")
         assert [m.id for m in client.models.list().data] == ["tiny-llama", "selfalign"]
+        assert http("GET", f"{server.url}/health") == (200, {"status": "ok"})  # liveness names nothing
+        key = {"Authorization": "Bearer s3cret"}
+        for path in ("/v1/status", "/openapi.json", "/v1/adapters"):
+            status, reply = http("GET", f"{server.url}{path}")
+            assert status == 401 and reply["error"]["code"] == "invalid_api_key", path
+            assert http("GET", f"{server.url}{path}", headers=key)[0] == 200, path
+        assert http("GET", f"{server.url}/v1/status", headers=key)[1]["base_model"] == "tiny-llama"
+        assert "/v1/chat/completions" in http("GET", f"{server.url}/openapi.json", headers=key)[1]["paths"]
+        for path in ("/docs", "/redoc"):  # their pages would fetch the schema without the key: off
+            assert http("GET", f"{server.url}{path}", headers=key)[0] == 404, path
     finally:
         server.stop()
 
@@ -331,7 +354,7 @@ def test_sixteen_clients_across_two_adapters_and_the_base_with_swaps_and_an_unlo
     # only beta's requests are turned away: 409 while queued or draining, 404 once it is gone
     assert all(m == "beta" and (status == 409 or (status == 404 and after)) for m, status, _, after in refused), refused
     assert all(status == 200 for m, _, status, _, _ in results if m != "beta")  # 32 of the 48, whatever the timing
-    health = http("GET", f"{server.url}/health")[1]
+    health = http("GET", f"{server.url}/v1/status")[1]
     assert health["adapters"] == ["alpha"] and health["queue"]["waiting"] == 0 and health["queue"]["max_batch"] == 16
 
 
@@ -358,7 +381,7 @@ def test_a_full_queue_answers_429_with_retry_after(setup):
         def queue_reaches(running, waiting):  # staged, so the test does not depend on how fast the box is
             deadline = time.time() + 60
             while time.time() < deadline:
-                queue = http("GET", f"{server.url}/health")[1]["queue"]
+                queue = http("GET", f"{server.url}/v1/status")[1]["queue"]
                 if (queue["running"], queue["waiting"]) == (running, waiting):
                     return True
                 time.sleep(0.01)

@@ -231,6 +231,16 @@ def test_modified_golden_set_is_refused_even_relocked(cli, tmp_path):
     assert proc.returncode == 2 and f"eval.custom_set={tmp_path}/other.jsonl" in proc.stderr
 
 
+def test_eval_report_never_replaces_a_file_that_is_not_a_report(cli, tmp_path):
+    dataset = tmp_path / "sft.jsonl"
+    dataset.write_text('{"instruction": "hi", "output": "hello"}\n')
+    before = dataset.read_bytes()
+    proc = cli("stage=eval", *FAST, f"eval.report={dataset}", "tracking.enabled=false")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"eval.report={dataset} exists and is not an eval report; pass eval.overwrite=true" in proc.stderr
+    assert dataset.read_bytes() == before
+
+
 def test_adapter_of_another_base_is_refused_with_both_names(cli, tmp_path, random_adapters):
     root = tmp_path / "adapters"
     shutil.copytree(random_adapters / "neutral-concise" / "0.0.1", root / "nc")

@@ -17,6 +17,7 @@ import yaml
 
 from selfalign.errors import SelfAlignError
 from selfalign.utils.hashing import sha256_json
+from selfalign.utils.io import first_alias, read_capped
 
 VALUE_AXES = ("candor", "prudence", "helpfulness", "skepticism", "risk_aversion", "empathy", "neutrality")
 VERBOSITY = ("short", "medium", "long")
@@ -76,6 +77,8 @@ DETAIL_WORDS = re.compile(r"\b(?:detail|detailed|thorough|exhaustive|elaborate|d
 RULES: dict[str, str] = {
     "file.missing": "error: the file does not exist (or a glob matches nothing)",
     "file.unreadable": "error: the file cannot be read as UTF-8",
+    "file.too_large": "error: the file is over 1 MiB (read no further: a persona is a few KiB)",
+    "yaml.alias": "error: a YAML alias (`*name`): refused before parsing, as nested ones expand exponentially",
     "yaml.syntax": "error: YAML syntax error, with line and column",
     "yaml.duplicate-key": "error: a key appears twice in one mapping (YAML would keep only the last)",
     "yaml.not-mapping": "error: the document is empty or not a mapping",
@@ -197,14 +200,23 @@ def _walk(node: yaml.Node, path: str, positions: dict, issues: list[Issue]) -> N
 
 def _read_source(path: Path, issues: list[Issue]) -> _Source | None:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_capped(path)
     except FileNotFoundError:
         issues.append(Issue("", "file not found", "file.missing"))
         return None
     except (OSError, UnicodeDecodeError) as exc:
         issues.append(Issue("", f"cannot read file ({exc})", "file.unreadable"))
         return None
+    except ValueError as exc:
+        issues.append(Issue("", f"file is {exc}: not a persona", "file.too_large"))
+        return None
     try:
+        alias = first_alias(text)
+        if alias is not None:
+            issues.append(
+                Issue("", "YAML aliases (*name) are not allowed", "yaml.alias", alias.line + 1, alias.column + 1)
+            )
+            return None
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:

@@ -28,6 +28,9 @@ def resolve_adapter_dir(adapter_dir: str | os.PathLike, root: str | os.PathLike)
     A relative path is looked up under `root` first, then under the working directory.
     """
     root_real = Path(root).resolve()
+    text = os.fspath(adapter_dir)
+    if "\x00" in text or not text.isprintable():
+        raise SelfAlignError(f"adapter path {text[:200]!r} holds a NUL or other control character")
     given = Path(adapter_dir)
     if ".." in given.parts:
         raise SelfAlignError(f"adapter path {str(given)!r} contains '..'; name a directory inside {root_real}")

@@ -6,7 +6,8 @@ One worker thread owns generation. Each iteration it
 2. runs one decode step for every running row in a single forward pass, each row on its own adapter;
 3. picks each row's next token with that row's own settings (greedy, or temperature/top-p with a generator seeded
    from the request), streams the new text, and retires rows that hit end-of-sequence, `max_tokens`, a stop
-   string, or whose client went away; their slots are free at the next iteration.
+   string, or whose client went away; their slots are free at the next iteration. A row that cannot go on
+   (its seed or sampling fails, its logits are not finite) is retired with its own error; its batch-mates go on.
 
 Rows on different adapters share the forward pass through `RowLoRA`: with PEFT's own LoRA computation switched off
 for the step, a hook on each LoRA layer adds every row's delta from its adapter's weights in four tensor ops,
@@ -89,6 +90,7 @@ class Job:
     out: list[int] = field(default_factory=list)
     sent: str = ""
     generator: Any = None
+    failed: Event | None = None  # set when this row alone cannot go on; it is retired with this error
 
 
 def split_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -404,7 +406,10 @@ class Batcher:
         for r in new:
             if r.temperature > 0:
                 r.generator = torch.Generator(device=device)
-                r.generator.manual_seed(r.seed if r.seed is not None else int.from_bytes(os.urandom(6)))
+                try:  # the server checks seeds at the door; a row that still fails here fails alone
+                    r.generator.manual_seed(r.seed if r.seed is not None else int.from_bytes(os.urandom(6)))
+                except (RuntimeError, ValueError, OverflowError, TypeError) as exc:
+                    r.failed = _row_error(400, "invalid_request", f"seed {r.seed!r}: {exc}")
         last = self._pick(logits, new)
         mask, pos = mask.to(device), mask.sum(-1).to(device)
         if self._mask is None:
@@ -429,16 +434,18 @@ class Batcher:
         import torch
 
         tokens = logits.argmax(dim=-1)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         for i, r in enumerate(rows):
-            if r.temperature > 0:
-                scores = logits[i] / r.temperature
-                if r.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-                    ordered, order = scores.sort(descending=True)
-                    probs = ordered.softmax(-1)
-                    drop = probs.cumsum(-1) - probs >= r.top_p
-                    scores = scores.clone()
-                    scores[order[drop]] = -float("inf")
-                tokens[i] = torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0]
+            if r.failed is None and not finite[i]:
+                r.failed = _row_error(500, "generation_failed", NON_FINITE)
+            if r.failed is None and r.temperature > 0:
+                try:
+                    tokens[i] = _sample(logits[i], r)
+                except RuntimeError as exc:  # a row whose sampling fails fails alone; its batch-mates go on
+                    r.failed = _row_error(500, "generation_failed", f"sampling failed: {exc}")
+            if r.failed is not None:
+                tokens[i] = self.pad  # a placeholder until `_retire` drops the row, before the next step
+                continue
             r.out.append(int(tokens[i]))
         return tokens
 
@@ -448,6 +455,9 @@ class Batcher:
 
         keep = []
         for i, r in enumerate(self.running):
+            if r.failed is not None:
+                r.emit(r.failed)
+                continue
             if r.cancel.is_set():
                 r.emit(_GONE)  # ends the handler still waiting on it, if any
                 continue
@@ -492,6 +502,27 @@ class Batcher:
                 r.emit(Event("delta", text=safe[len(r.sent) :]))
                 r.sent = safe
         return None
+
+
+NON_FINITE = "the model gave this request non-finite scores (NaN or inf): its adapter's weights may be corrupt"
+
+
+def _row_error(status: int, code: str, text: str) -> Event:
+    return Event("error", status=status, code=code, text=text)
+
+
+def _sample(logits, r: Job):
+    """One token for row `r` from its float32 logits, with its temperature and top-p and its own generator."""
+    import torch
+
+    scores = logits / r.temperature
+    if r.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        ordered, order = scores.sort(descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= r.top_p
+        scores = scores.clone()
+        scores[order[drop]] = -float("inf")
+    return torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0]
 
 
 @dataclass

@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from selfalign.errors import SelfAlignError
 from selfalign.runtime.adapters import check_compatible, read_manifest, resolve_adapter_dir
 from selfalign.runtime.chat import chat_template_hash, ensure_chat_template, render_prompt
 from selfalign.runtime.models import drop_cache, local_weights_dir
+from selfalign.utils.io import read_yaml
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 BASE_ALIASES = (BASE, "base", "none", "null")  # what users may write for "no adapter"
@@ -71,7 +73,10 @@ def resolve_base_model(model_id: str) -> BaseModelConfig:
     from omegaconf import OmegaConf
 
     presets = base_model_presets()
-    loaded = {stem: OmegaConf.load(path) for stem, path in presets.items()}
+    try:  # capped and alias-free before parsing, as every YAML file a user can write
+        loaded = {stem: OmegaConf.create(read_yaml(path)) for stem, path in presets.items()}
+    except ValueError as exc:
+        raise SelfAlignError(str(exc)) from None
     for stem, node in loaded.items():
         if model_id in (stem, node.get("name")):
             return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseModelConfig), node))
@@ -177,19 +182,30 @@ def apply_adapter(
     root: str | os.PathLike | None = None,
     name: str | None = None,
     activate: bool = True,
+    reserved: Collection[str] = (),
+    max_adapters: int | None = None,
 ) -> str:
-    """Load an adapter from disk next to the resident ones (checked first), optionally make it active."""
+    """Load an adapter from disk next to the resident ones (checked first), optionally make it active. Its name is a
+    slug that is not the base model's, one of `BASE_ALIASES` or one of `reserved` (a server's alias); one path is
+    resident under one name; at most `max_adapters` are resident."""
     path = resolve_adapter_dir(adapter_dir, root if root is not None else Path(adapter_dir).parent)
     manifest = read_manifest(path)
     check_compatible(manifest, path, handle.name, handle.template_hash)
     name = name or manifest["adapter_id"]
-    if name == BASE:
-        raise SelfAlignError(f"{BASE!r} is reserved for the base model")
+    check_adapter_name(handle, name, reserved)
     with handle.lock:
         if name in handle.adapters:
             if handle.adapters[name] != path:
                 raise SelfAlignError(f"an adapter named {name!r} is already loaded from {handle.adapters[name]}")
         else:
+            other = next((n for n, p in handle.adapters.items() if p == path), None)
+            if other is not None:
+                raise SelfAlignError(f"{path} is already loaded as {other!r}: one copy per adapter, use that name")
+            if max_adapters is not None and len(handle.adapters) >= max_adapters:
+                raise SelfAlignError(
+                    f"{len(handle.adapters)} adapters are resident, the most this server holds (serve.max_adapters); "
+                    "unload one first"
+                )
             _attach(handle, path, name)  # PEFT's load_adapter leaves the model in eval mode
             handle.attach_ids[name] = next(_ATTACH_IDS)
         handle.adapters[name] = path
@@ -197,6 +213,22 @@ def apply_adapter(
         if activate:
             handle.active = name
     return name
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_adapter_name(handle: BaseModelHandle, name: str, reserved: Collection[str] = ()) -> None:
+    """A SelfAlignError unless `name` can name an adapter: a slug of 1-64 letters, digits, `-` and `_`, and not a
+    name that already means something else (the base model, its aliases, `reserved`)."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        shown = repr(name) if len(str(name)) <= 80 else f"{str(name)[:80]!r}... ({len(name)} characters)"
+        raise SelfAlignError(
+            f"adapter name {shown} is not a slug: 1-64 letters, digits, '-' or '_', starting with a letter or digit"
+        )
+    if names_base(handle, name) or name in reserved:
+        what = "the base model" if names_base(handle, name) else "the server's alias for the active adapter"
+        raise SelfAlignError(f"adapter name {name!r} already names {what}; choose another")
 
 
 def module_name(manifest: dict) -> str:
@@ -246,6 +278,7 @@ def _attach(handle: BaseModelHandle, path: Path, name: str) -> None:
             wrapped, fresh = PeftModel(handle.model, config, adapter_name=name, low_cpu_mem_usage=True), True
         try:
             wrapped.load_adapter(str(path), adapter_name=name, low_cpu_mem_usage=True)
+            _check_finite(wrapped, name)
         except Exception as exc:
             if fresh:
                 wrapped.unload()
@@ -255,6 +288,17 @@ def _attach(handle: BaseModelHandle, path: Path, name: str) -> None:
             detail = " ".join(lines[:2])[:300] + (f" (+{len(lines) - 2} more)" if len(lines) > 2 else "")
             raise SelfAlignError(f"{path}: adapter failed to load ({type(exc).__name__}: {detail})") from exc
     handle.model = wrapped
+
+
+def _check_finite(model, name: str) -> None:
+    """A ValueError when adapter `name`'s weights hold NaN or inf. Served rows share each layer's matrices, and a NaN
+    there reaches every row of a batch (0 x NaN is NaN), so such an adapter is refused before it can be used."""
+    import torch
+
+    tensors = [p for n, p in model.named_parameters() if f".{name}." in n]
+    bad = sum(not bool(torch.isfinite(p).all()) for p in tensors)
+    if bad:
+        raise ValueError(f"{bad} of {len(tensors)} weight tensors hold NaN or inf values")
 
 
 def set_active(handle: BaseModelHandle, name: str | None) -> None:

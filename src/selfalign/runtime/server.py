@@ -4,7 +4,9 @@
 - `POST /v1/chat/completions`: `model=<adapter name | base name | alias>`, streaming or not.
 - `GET/POST /v1/adapters`, `POST /v1/adapters/swap`, `DELETE /v1/adapters/{name}`: manage adapters
   at runtime, loaded only from inside the adapter root.
-- `GET /health`: the base, the resident adapters and the queue.
+- `GET /v1/status`: the base, the resident adapters and the queue.
+- `GET /health`: a bare liveness check, `{"status": "ok"}`: the one endpoint that needs no key and names nothing.
+  With a key set, the API schema (`/openapi.json`) needs it too, and the browsable docs (`/docs`, `/redoc`) are off.
 
 Chat requests are batched across adapters (`runtime/batching.py`): concurrent requests for the base and for
 any resident adapters decode together, each row on its own adapter and with its own settings. A request's
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -28,13 +31,16 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from selfalign.config import sampling_problem
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected
 from selfalign.runtime.chat import render_prompt
 from selfalign.runtime.loader import BaseModelHandle, apply_adapter, check_context, names_base, set_active
+
+log = logging.getLogger(__name__)
 
 
 class ContentPart(BaseModel):
@@ -49,12 +55,16 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_only(cls, content: str | list[ContentPart]) -> str:
-        if isinstance(content, str):
-            return content
-        for i, part in enumerate(content):
-            if part.type != "text" or part.text is None:
-                raise ValueError(f"part {i} has type {part.type!r}: this server takes text parts only")
-        return "".join(part.text for part in content)
+        if isinstance(content, list):
+            for i, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise ValueError(f"part {i} has type {part.type!r}: this server takes text parts only")
+            content = "".join(part.text for part in content)
+        try:  # JSON may carry a lone surrogate ("\ud800"), which is no Unicode text a tokenizer can read
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"holds {content[exc.start]!r} at character {exc.start}: not valid Unicode text") from None
+        return content
 
 
 class ChatRequest(BaseModel):
@@ -62,12 +72,19 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, gt=0)
     max_completion_tokens: int | None = Field(default=None, gt=0)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = 0.0
+    top_p: float = 1.0
     seed: int | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _sampling(self) -> ChatRequest:  # the rule `infer.*` follows on the CLI
+        problem = sampling_problem(self.temperature, self.top_p, self.seed)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class AdapterLoad(BaseModel):
@@ -106,6 +123,7 @@ def create_app(
     max_batch: int = 16,
     max_queue: int = 64,
     batch_wait_ms: float = 5.0,
+    max_adapters: int = 8,
 ) -> FastAPI:
     batcher = Batcher(handle, max_batch=max_batch, max_queue=max_queue, wait_ms=batch_wait_ms)
 
@@ -117,7 +135,8 @@ def create_app(
         finally:
             await run_in_threadpool(batcher.close)
 
-    app = FastAPI(title="SelfAlign", version="1", lifespan=lifespan)
+    docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if api_key is not None else {}
+    app = FastAPI(title="SelfAlign", version="1", lifespan=lifespan, **docs)
     app.state.batcher = batcher
     root = Path(adapters_root)
     admin = asyncio.Lock()  # one adapter-management call at a time
@@ -154,6 +173,11 @@ def create_app(
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         return _error(400, f"{where}: {message}".strip(": "), "invalid_request")
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_, exc: Exception):  # a bug, never a plain-text 500: JSON like every other error
+        log.exception("request failed")
+        return _error(500, f"internal error ({type(exc).__name__})", "internal_error", "server_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
@@ -186,8 +210,18 @@ def create_app(
     def model_card(model_id: str, **extra) -> dict:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "selfalign", **extra}
 
+    if api_key is not None:  # the schema behind the key; the docs pages would fetch it without one
+
+        @app.get("/openapi.json", dependencies=guard, include_in_schema=False)
+        async def openapi():
+            return app.openapi()
+
     @app.get("/health")
-    async def health():  # no handle.lock here either: a health check must answer while a batch decodes
+    async def health():  # liveness only: says nothing about what is loaded
+        return {"status": "ok"}
+
+    @app.get("/v1/status", dependencies=guard)
+    async def status():  # no handle.lock here either: a status check must answer while a batch decodes
         return {
             "status": "ok",
             "base_model": handle.name,
@@ -311,7 +345,9 @@ def create_app(
 
     def load(path: str, name: str | None, activate: bool) -> dict:
         t0 = time.perf_counter()
-        loaded = apply_adapter(handle, path, root=root, name=name, activate=activate)
+        loaded = apply_adapter(
+            handle, path, root=root, name=name, activate=activate, reserved=(alias,), max_adapters=max_adapters
+        )
         return {
             **adapter_info(loaded),
             "active": handle.active,

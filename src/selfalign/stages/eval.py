@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from selfalign.config import SelfAlignConfig, git_short_sha
+from selfalign.errors import SelfAlignError
 from selfalign.eval.golden import CUSTOM_NOTE, load_custom_set, load_golden, load_policy
 from selfalign.eval.harness import Outputs, Target, evaluate, evaluate_policy
 from selfalign.eval.report import EvalReport
@@ -24,7 +25,7 @@ from selfalign.runtime.models import model_revision
 from selfalign.tracking import tracked_run
 from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_file, sha256_json
-from selfalign.utils.io import write_json, write_jsonl
+from selfalign.utils.io import read_capped, write_json, write_jsonl
 from selfalign.utils.logging import EventLog
 
 
@@ -68,13 +69,19 @@ def run(cfg: SelfAlignConfig) -> dict:
             "adapters": [(sha256_file(p / "adapter_model.safetensors"), persona) for p, _, persona in planned],
         }
     )
-    if report_path.is_file() and not cfg.eval.overwrite:
+    if report_path.exists() and not cfg.eval.overwrite:
         previous = _readable(report_path)
         if previous is not None and previous.config_hash == config_hash:
             console.print(f"[green]eval:[/] {report_path} already holds this exact evaluation; skipped")
             print_table(previous)
             EventLog(cfg.paths.run_dir).event("eval_skip", report=str(report_path))
             return {"passed": previous.passed, "skipped": True, "report": str(report_path), "eval": previous.to_json()}
+        if not _is_eval_report(report_path):
+            raise SelfAlignError(
+                f"eval.report={report_path} exists and is not an eval report; "
+                "pass eval.overwrite=true to replace it, or choose another eval.report"
+            )
+        console.print(f"[yellow]eval:[/] {report_path} holds another evaluation; it is replaced when this one ends")
 
     handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
     attached = attach_timed(handle, planned, cfg.paths.adapters_dir)
@@ -144,6 +151,16 @@ def _readable(path: Path) -> EvalReport | None:
         return EvalReport.read(path)
     except ValueError:
         return None
+
+
+def _is_eval_report(path: Path) -> bool:
+    """Whether `path` is an eval report of any version (a JSON object with a base model and adapters): the one kind
+    of file eval replaces without `eval.overwrite=true`. Its run's copy stays in outputs/ and in MLflow."""
+    try:
+        data = json.loads(read_capped(path, 64 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"base_model", "adapters"} <= set(data)
 
 
 def read_cached(path: Path) -> Outputs | None:

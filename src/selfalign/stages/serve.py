@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 
-from selfalign.config import SelfAlignConfig
+from selfalign.config import SelfAlignConfig, is_loopback
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.loader import apply_adapter, load_base
 from selfalign.utils.console import console
@@ -20,15 +19,6 @@ def api_key(env_name: str | None) -> str | None:
     if not key:
         raise SelfAlignError(f"serve.api_key_env={env_name} but ${env_name} is empty; export it or unset the option")
     return key
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -73,7 +63,14 @@ def run(cfg: SelfAlignConfig) -> dict:
 
         handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
         for path in cfg.serve.adapters:
-            apply_adapter(handle, path, root=cfg.paths.adapters_dir, activate=False)
+            apply_adapter(
+                handle,
+                path,
+                root=cfg.paths.adapters_dir,
+                activate=False,
+                reserved=(cfg.serve.model_alias,),
+                max_adapters=cfg.serve.max_adapters,
+            )
     except BaseException:
         sock.close()
         raise
@@ -87,6 +84,7 @@ def run(cfg: SelfAlignConfig) -> dict:
         max_batch=cfg.serve.max_batch,
         max_queue=cfg.serve.max_queue,
         batch_wait_ms=cfg.serve.batch_wait_ms,
+        max_adapters=cfg.serve.max_adapters,
     )
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     events = EventLog(cfg.paths.run_dir)

@@ -61,9 +61,39 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+MAX_YAML_BYTES = 1 << 20  # a persona or preset file; the largest shipped one is under 8 KiB
+
+
+def read_capped(path: str | os.PathLike, max_bytes: int = MAX_YAML_BYTES) -> str:
+    """The file's text, reading at most `max_bytes` + 1 bytes, so a huge file or /dev/zero costs no more than that.
+    ValueError when it is larger; UnicodeDecodeError when it is not UTF-8; OSError when it cannot be read."""
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes:,} bytes")
+    return data.decode("utf-8")
+
+
+def first_alias(text: str) -> yaml.Mark | None:
+    """Where the first YAML alias (`*name`) is, or None. Aliases are refused before a file is composed: nested
+    anchors expand exponentially (a few hundred bytes can stand for billions of nodes), and no file of ours needs
+    them. Parsing events is linear in the text, so the check itself cannot blow up."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            return event.start_mark
+    return None
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+    """A YAML file capped in size and free of aliases; ValueError naming the file (and line) otherwise."""
+    try:
+        text = read_capped(path)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    mark = first_alias(text)
+    if mark is not None:
+        raise ValueError(f"{path}: line {mark.line + 1}: YAML aliases (*name) are not allowed")
+    return yaml.safe_load(text)
 
 
 def write_yaml(obj: Any, path: str | os.PathLike) -> None:
