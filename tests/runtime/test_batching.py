@@ -160,6 +160,17 @@ def test_safe_prefix_holds_back_what_may_still_change():
     assert _safe_prefix("The end. ST", ["STOP"]) == "The end."  # "ST" may begin the stop string
 
 
+def test_admission_counts_free_batch_slots_before_the_queue(handle):
+    """Idle, with 4 slots and a queue of 2: six requests fit (the next step takes four), the seventh is refused."""
+    batcher = Batcher(handle, max_batch=4, max_queue=2)  # not started: nothing leaves the queue
+    got = Collector()
+    for i in range(6):
+        batcher.submit(job(handle, PROMPTS[0], None, got, i, max_new=2))
+    with pytest.raises(QueueFull, match=r"6 requests are waiting \(serve.max_queue=2\)"):
+        batcher.submit(job(handle, PROMPTS[0], None, got, "seventh", max_new=2))
+    assert batcher.stats()["waiting"] == 6
+
+
 def test_a_full_queue_refuses_and_a_cancelled_row_frees_its_slot(handle):
     batcher = Batcher(handle, max_batch=1, max_queue=1).start()
     try:

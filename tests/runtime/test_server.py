@@ -173,6 +173,23 @@ def test_bad_requests_get_json_4xx_and_server_keeps_serving(setup, method, path,
     assert http("GET", f"{server.url}/v1/models")[0] == 200
 
 
+def test_a_body_over_the_limit_is_refused_whether_or_not_it_declares_its_length(setup):
+    from http.client import HTTPConnection
+
+    server, *_ = setup
+    status, reply = http("POST", f"{server.url}/v1/chat/completions", b"{" + b" " * (1 << 20) + b"}")
+    assert status == 413 and reply["error"]["message"] == "request body is over 1,048,576 bytes (serve.max_body_bytes)"
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=60)  # chunked: no Content-Length
+    try:
+        chunks = (b" " * 65536 for _ in range(40))  # 2.5 MiB, sent as it is counted
+        conn.request("POST", "/v1/chat/completions", body=chunks, encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == 413 and b"body_too_large" in response.read()
+    finally:
+        conn.close()
+    assert http("GET", f"{server.url}/v1/models")[0] == 200
+
+
 def test_content_as_a_list_of_text_parts_is_the_same_prompt(setup):
     server, _, refs, _ = setup
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
@@ -291,6 +308,8 @@ def test_api_key_is_required_when_configured(setup):
         assert "/v1/chat/completions" in http("GET", f"{server.url}/openapi.json", headers=key)[1]["paths"]
         for path in ("/docs", "/redoc"):  # their pages would fetch the schema without the key: off
             assert http("GET", f"{server.url}{path}", headers=key)[0] == 404, path
+        status, reply = http("POST", f"{server.url}/v1/chat/completions", b"x" * (2 << 20))  # no key, 2 MiB
+        assert status == 413 and reply["error"]["code"] == "body_too_large"  # refused before the key is read
     finally:
         server.stop()
 

@@ -244,7 +244,8 @@ class Batcher:
                 raise Rejected(503, "shutting_down", "the server is shutting down")
             if req.adapter in self.draining:
                 raise Rejected(409, "adapter_unloading", f"adapter {req.adapter!r} is being unloaded")
-            if len(self.waiting) >= self.max_queue:
+            free = max(0, self.max_batch - len(self.running) - len(self.pending))  # slots the next step fills
+            if len(self.waiting) >= self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (serve.max_queue={self.max_queue})")
             self.waiting.append(req)
             self.cv.notify_all()

@@ -112,6 +112,62 @@ def _error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a JSON 413 before anything reads or parses it, and
+    before authentication: by its Content-Length when it declares one, else as soon as the bytes received pass it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+        self.message = f"request body is over {limit:,} bytes (serve.max_body_bytes)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(send)
+        seen, started = 0, False
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(413, self.message)
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": "invalid_request_error",
+                    "code": "body_too_large",
+                }
+            }
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised from `receive` once the body passes the limit: FastAPI re-raises HTTP exceptions while it reads a body,
+    so this reaches the JSON error handler (or the middleware, when nothing has answered yet)."""
+
+
 def create_app(
     handle: BaseModelHandle,
     adapters_root: str | Path,
@@ -124,6 +180,7 @@ def create_app(
     max_queue: int = 64,
     batch_wait_ms: float = 5.0,
     max_adapters: int = 8,
+    max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
     batcher = Batcher(handle, max_batch=max_batch, max_queue=max_queue, wait_ms=batch_wait_ms)
 
@@ -137,6 +194,7 @@ def create_app(
 
     docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if api_key is not None else {}
     app = FastAPI(title="SelfAlign", version="1", lifespan=lifespan, **docs)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.state.batcher = batcher
     root = Path(adapters_root)
     admin = asyncio.Lock()  # one adapter-management call at a time
@@ -180,7 +238,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
+        code = {404: "not_found", 413: "body_too_large"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, str(exc.detail), code)
 
     def route(model: str) -> tuple[str | None, int | None]:
         """The adapter a request uses (None: the base model) and its attach id, both fixed now.
@@ -236,6 +295,9 @@ def create_app(
         data += [model_card(n, kind="adapter", parent=handle.name) for n in list(handle.adapters)]
         return {"object": "list", "data": data}
 
+    def tokenize(messages: list[dict]) -> list[int]:
+        return handle.tokenizer(render_prompt(handle.tokenizer, messages), add_special_tokens=False)["input_ids"]
+
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat(req: ChatRequest, request: Request):
         adapter, attach_id = route(req.model)
@@ -247,7 +309,7 @@ def create_app(
                 "max_tokens_too_large",
             )
         messages = [m.model_dump() for m in req.messages]
-        ids = handle.tokenizer(render_prompt(handle.tokenizer, messages), add_special_tokens=False)["input_ids"]
+        ids = await run_in_threadpool(tokenize, messages)  # a long prompt must not stall the event loop
         check_context(handle, len(ids), max_new)  # a SelfAlignError: 400
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(

@@ -85,6 +85,7 @@ def run(cfg: SelfAlignConfig) -> dict:
         max_queue=cfg.serve.max_queue,
         batch_wait_ms=cfg.serve.batch_wait_ms,
         max_adapters=cfg.serve.max_adapters,
+        max_body_bytes=cfg.serve.max_body_bytes,
     )
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     events = EventLog(cfg.paths.run_dir)
