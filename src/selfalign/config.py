@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from selfalign.runtime.families import LORA_TARGET_GROUPS
+from selfalign.runtime.families import CHAT_TEMPLATES, LORA_TARGET_GROUPS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -87,7 +87,8 @@ class ModelSource(str, Enum):
 @dataclass
 class BaseModelConfig:
     name: str = MISSING
-    family: str = MISSING  # architecture family: selects LoRA target names and chat template
+    family: str = MISSING  # architecture family: selects the LoRA target module names
+    chat_template: str | None = None  # the documented template for a tokenizer that ships none (`chatml`)
     source: ModelSource = MISSING
     repo_id: str | None = None
     path: str | None = None
@@ -112,6 +113,10 @@ class BaseModelConfig:
             raise ValueError(f"base_model.{self.name}: source=hub needs repo_id")
         if self.source is ModelSource.local and not self.path:
             raise ValueError(f"base_model.{self.name}: source=local needs path")
+        if self.chat_template is not None and self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(
+                f"base_model.chat_template: {self.chat_template!r} is not one of {', '.join(CHAT_TEMPLATES)}"
+            )
         if self.dtype not in {"float32", "bfloat16", "float16", "auto"}:
             raise ValueError(f"base_model.dtype: {self.dtype!r} is not one of float32, bfloat16, float16, auto")
 
@@ -180,6 +185,13 @@ TRAINER_OWN_FIELDS = (
 )
 
 
+# What lightning.pytorch.Trainer takes as `precision` (its _PRECISION_INPUT literals; a test compares them).
+TRAINER_PRECISIONS = (
+    "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+    "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64",
+)  # fmt: skip
+
+
 @dataclass
 class TrainerConfig:
     """Keyword arguments for `lightning.pytorch.Trainer`, plus early stopping and checkpoint cadence.
@@ -209,6 +221,11 @@ class TrainerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if str(self.precision) not in TRAINER_PRECISIONS:
+            raise ValueError(f"trainer.precision={self.precision!r} is not one of {', '.join(TRAINER_PRECISIONS)}")
+        for name in ("max_steps", "max_epochs"):
+            if getattr(self, name) != -1 and getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be -1 (no limit) or >= 1 (got {getattr(self, name)})")
         if self.checkpoint_every_n_steps <= 0 or self.early_stop_patience <= 0:
             raise ValueError("trainer.checkpoint_every_n_steps and trainer.early_stop_patience must be positive")
         if self.accumulate_grad_batches <= 0:

@@ -254,6 +254,27 @@ def test_refuses_missing_dir_and_missing_manifest(tiny, adapters, root):
     refused(tiny, "bare", root, r"not an adapter dir, missing manifest\.json")
 
 
+def test_a_checkpoint_without_a_chat_template_is_refused_unless_its_preset_names_one(cli, tiny, tmp_path):
+    """A local Llama whose tokenizer ships no template: refused with one line, never rendered in a guessed one."""
+    path = tmp_path / "no-template"
+    tiny.model.save_pretrained(path)
+    tiny.tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    local = ["stage=infer", "prompt=hi", "base_model=tiny_llama", "base_model.source=local", f"base_model.path={path}"]
+    proc = cli(*local, "base_model.chat_template=null", "infer.max_new_tokens=2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: base model 'tiny-llama': its tokenizer ships no chat template; set base_model.chat_template to the "
+        "one it was trained with (chatml) or use a checkpoint that ships one"
+    ]
+    assert cli(*local, "base_model.chat_template=chatml", "infer.max_new_tokens=2").returncode == 0
+    proc = cli(*local, "base_model.chat_template=llama9", "infer.max_new_tokens=2")
+    assert proc.returncode == 2 and "base_model.chat_template: 'llama9' is not one of chatml" in proc.stderr
+
+
 def test_adapter_names_and_the_resident_cap(tiny, adapters, root):
     copy_adapter(adapters / "A", root / "A")
     copy_adapter(adapters / "B", root / "B")

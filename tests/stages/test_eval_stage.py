@@ -231,6 +231,22 @@ def test_modified_golden_set_is_refused_even_relocked(cli, tmp_path):
     assert proc.returncode == 2 and f"eval.custom_set={tmp_path}/other.jsonl" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('{"id": "x1", "prompt": 123, "tags": ["qa"]}', ":2: prompt must be a non-empty string (got 123)"),
+        ('{"id": {}, "prompt": "hi", "tags": ["qa"]}', ":2: id must be a non-empty string (got {})"),
+        ('{"id": "x1", "prompt": "hi", "tags": ["qa", 7]}', ":2: tags must be strings"),
+    ],
+)
+def test_a_custom_set_row_of_the_wrong_type_is_one_line(cli, tmp_path, row, message):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"id": "x0", "prompt": "Name a colour.", "tags": ["qa"]}\n' + row + "\n")
+    proc = cli("stage=eval", *FAST, f"eval.custom_set={path}", "tracking.enabled=false")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {path}{message}"]
+
+
 def test_eval_report_never_replaces_a_file_that_is_not_a_report(cli, tmp_path):
     dataset = tmp_path / "sft.jsonl"
     dataset.write_text('{"instruction": "hi", "output": "hello"}\n')

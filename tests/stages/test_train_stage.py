@@ -168,6 +168,42 @@ def test_crash_marks_run_failed_and_resume_reaches_the_same_weights(train_cfg, t
     assert resumed["val_loss"] == clean["val_loss"]
 
 
+def test_a_crash_before_the_first_checkpoint_leaves_nothing_that_blocks_the_next_run(train_cfg, tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash at step 1"):
+        train.run(train_cfg("trainer.checkpoint_every_n_steps=5", run="crash"), callbacks=(CrashAt(1),))
+    assert not (tmp_path / "adapters" / "neutral-concise" / ".0.1.0.partial").exists()
+    assert train.run(train_cfg("trainer.max_steps=2", run="next"))["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_steps=-5", "trainer.max_steps must be -1 (no limit) or >= 1 (got -5)"),
+        ("trainer.precision=bogus", "trainer.precision='bogus' is not one of 32-true, bf16-mixed"),
+        ("trainer=gpu", "trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu"),
+    ],
+)
+def test_trainer_mistakes_are_one_line_and_leave_no_work_dir(cli, tmp_path, override, message):
+    if override == "trainer=gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    data = write_sft(tmp_path / "sft.jsonl", 8)
+    proc = cli(*TINY, f"data={data}", f"paths.adapters_dir={tmp_path}/adapters", "tracking.enabled=false", override)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").rglob("*.partial"))
+
+
+def test_the_precisions_are_lightnings():
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    from selfalign.config import TRAINER_PRECISIONS
+
+    lightning = set(typing.get_args(_PRECISION_INPUT_STR)) | set(typing.get_args(_PRECISION_INPUT_STR_ALIAS))
+    assert set(TRAINER_PRECISIONS) == lightning
+
+
 class _Planted:
     """Unpickling this would create a file: what a planted checkpoint could run."""
 

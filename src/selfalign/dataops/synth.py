@@ -27,7 +27,7 @@ from selfalign.dataops.filter import band_status, dedup_filter, is_refusal_row, 
 from selfalign.dataops.teacher import Ask, Sampling
 from selfalign.errors import SelfAlignError
 from selfalign.persona.style import VERBOSITY_BUDGETS, section_heading
-from selfalign.utils.io import write_json
+from selfalign.utils.io import read_json, write_json
 
 # The seed's domain mix over 20 slots (60/20/10/5/5) and difficulty over 3 (≈33/33/34).
 DOMAIN_SLOTS = ["general"] * 12 + ["reasoning"] * 4 + ["social"] * 2 + ["safety_edge", "code"]
@@ -331,7 +331,7 @@ class RunFiles:
     def load_state(self, config_hash: str) -> dict | None:
         if not self.state.exists() or not self.partial.exists():
             return None
-        state = json.loads(self.state.read_text(encoding="utf-8"))
+        state = read_json(self.state)
         if state.get("config_hash") != config_hash:
             return None
         with open(self.partial, "r+b") as fh:  # drop anything written after the last recorded chunk

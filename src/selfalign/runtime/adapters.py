@@ -15,7 +15,7 @@ from pathlib import Path
 from selfalign import __version__
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.families import LORA_TARGET_GROUPS, lora_target_modules
-from selfalign.utils.io import UMASK, atomic_dir
+from selfalign.utils.io import UMASK, atomic_dir, read_json
 
 MANIFEST = "manifest.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -61,10 +61,9 @@ def read_manifest(path: Path) -> dict:
                 raise ValueError("no tensors")
     except Exception as exc:  # a truncated or foreign file: refuse before PEFT touches the model
         raise SelfAlignError(f"{path / WEIGHTS}: unreadable safetensors ({exc})") from None
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SelfAlignError(f"{path / MANIFEST}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    manifest = read_json(path / MANIFEST)
+    if not isinstance(manifest, dict):
+        raise SelfAlignError(f"{path / MANIFEST}: not a JSON object")
     for key in ("adapter_id", "version", "base_model", "chat_template_hash"):
         if not manifest.get(key):
             raise SelfAlignError(f"{path / MANIFEST}: missing field {key!r}")

@@ -1,24 +1,29 @@
 """The one chat rendering used by synth, train, eval and serve, and the template's hash.
 
-Prompts are rendered with the tokenizer's own chat template. Where a source ships none, the family's
-documented template is set explicitly (ChatML for SmolLM2 / Qwen2). A user turn without a system
+Prompts are rendered with the tokenizer's own chat template. Where a source ships none, the template the base
+model's preset names (`base_model.chat_template`: ChatML for SmolLM2) is set explicitly; with none named, the model
+is refused. A user turn without a system
 message is rendered as is: the template's own default system prompt (if it has one) then applies the
 same way at training and at inference.
 """
 
 from __future__ import annotations
 
-from selfalign.runtime.families import FAMILIES
+from selfalign.errors import SelfAlignError
+from selfalign.runtime.families import CHAT_TEMPLATES
 from selfalign.utils.hashing import sha256_bytes
 
 
-def ensure_chat_template(tokenizer, family: str) -> str:
-    """Give the tokenizer a chat template if its source lacks one; return the template in use."""
+def ensure_chat_template(tokenizer, cfg) -> str:
+    """Give the tokenizer the template `cfg.chat_template` names if its source ships none; return the one in use.
+    Neither: a SelfAlignError, never a guess (a Llama 3 rendered in ChatML answers, badly)."""
     if not tokenizer.chat_template:
-        template = FAMILIES[family].chat_template if family in FAMILIES else None
-        if template is None:
-            raise ValueError(f"tokenizer has no chat template and family {family!r} has no documented default")
-        tokenizer.chat_template = template
+        if cfg.chat_template is None:
+            raise SelfAlignError(
+                f"base model {cfg.name!r}: its tokenizer ships no chat template; set base_model.chat_template to "
+                f"the one it was trained with ({', '.join(CHAT_TEMPLATES)}) or use a checkpoint that ships one"
+            )
+        tokenizer.chat_template = CHAT_TEMPLATES[cfg.chat_template]
     return tokenizer.chat_template
 
 

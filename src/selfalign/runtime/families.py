@@ -1,8 +1,9 @@
-"""Per-architecture facts, in one place: each family's LoRA target modules and its documented chat template.
+"""Per-architecture facts, in one place: each family's LoRA target modules; and the documented chat templates.
 
 `base_model.family` selects a row. `lora.targets` names groups (`attn`, `mlp`), mapped here to the family's module
-names; the config schema validates the groups against `LORA_TARGET_GROUPS`. A tokenizer whose source ships no
-chat template gets its family's (`ensure_chat_template`); a family without one must bring its own.
+names; the config schema validates the groups against `LORA_TARGET_GROUPS`. A chat template belongs to a checkpoint,
+not an architecture (SmolLM2 is a Llama that speaks ChatML, Llama 3 is not): a tokenizer whose source ships none
+gets the one its preset names in `base_model.chat_template` (`ensure_chat_template`), else the model is refused.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ CHATML = (
 )
 
 
+CHAT_TEMPLATES = {"chatml": CHATML}  # what `base_model.chat_template` may name
+
+
 @dataclass(frozen=True)
 class Family:
     lora_targets: dict[str, tuple[str, ...]]  # `lora.targets` group -> the architecture's module names
-    chat_template: str | None = None  # used only when the tokenizer's source ships none
 
 
 _SEPARATE = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 FAMILIES: dict[str, Family] = {
-    "llama": Family(_SEPARATE, CHATML),
-    "qwen2": Family(_SEPARATE, CHATML),
+    "llama": Family(_SEPARATE),
+    "qwen2": Family(_SEPARATE),
     "mistral": Family(_SEPARATE),
     "gemma2": Family(_SEPARATE),
     "phi3": Family({"attn": ("qkv_proj", "o_proj"), "mlp": ("gate_up_proj", "down_proj")}),  # fused projections

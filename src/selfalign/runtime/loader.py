@@ -168,7 +168,7 @@ def _load(model_id: str | BaseModelConfig, device: str, cache_dir, qlora: bool) 
         model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    ensure_chat_template(tokenizer, cfg.family)
+    ensure_chat_template(tokenizer, cfg)
     return BaseModelHandle(cfg, model, tokenizer, device, chat_template_hash(tokenizer))
 
 

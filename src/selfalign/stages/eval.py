@@ -25,7 +25,7 @@ from selfalign.runtime.models import model_revision
 from selfalign.tracking import tracked_run
 from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_file, sha256_json
-from selfalign.utils.io import read_capped, write_json, write_jsonl
+from selfalign.utils.io import read_capped, read_json, write_json, write_jsonl
 from selfalign.utils.logging import EventLog
 
 
@@ -165,7 +165,7 @@ def _is_eval_report(path: Path) -> bool:
 
 def read_cached(path: Path) -> Outputs | None:
     """The base model's answers kept at `path` (see `base_cache_file`), or None when there are none yet."""
-    return Outputs(**json.loads(path.read_text())) if path.is_file() else None
+    return Outputs(**read_json(path)) if path.is_file() else None
 
 
 def base_cache_file(cfg: SelfAlignConfig, set_sha256: str) -> Path:

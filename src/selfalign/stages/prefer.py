@@ -18,10 +18,18 @@ from selfalign.dataops.pairs import TOX_MAX, grammar_sha256
 from selfalign.errors import SelfAlignError
 from selfalign.persona.schema import load_persona
 from selfalign.tracking import tracked_run
-from selfalign.train.run import adapter_version, finished_run, partial_dir, prepare_work_dir, publish_adapter
+from selfalign.train.run import (
+    adapter_version,
+    check_accelerator,
+    discarded_unless_resumable,
+    finished_run,
+    partial_dir,
+    prepare_work_dir,
+    publish_adapter,
+)
 from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_file, sha256_json
-from selfalign.utils.io import write_json, write_jsonl
+from selfalign.utils.io import read_json, write_json, write_jsonl
 from selfalign.utils.logging import EventLog
 
 # The settings that shape the pair set (the rest shape training).
@@ -88,7 +96,7 @@ def build_pair_set(cfg: SelfAlignConfig, persona: dict, load_handle, key: str) -
     out = Path(p.out)
     report_file = out.with_suffix(".report.json")
     if out.is_file() and report_file.is_file():
-        report = json.loads(report_file.read_text(encoding="utf-8"))
+        report = read_json(report_file)
         if report.get("key") == key and report.get("pairs_sha256") == sha256_file(out):
             console.print(f"[green]prefer:[/] {out} already holds this pair set; reused")
             return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()], report
@@ -215,6 +223,7 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
         console.print(f"[green]prefer:[/] {out} already holds this exact run (same pairs, config, seed); skipped")
         events.event("prefer_skip", **done)
         return {"passed": True, "skipped": True, **done, "pairs": report}
+    check_accelerator(trainer_cfg)
     resuming = prepare_work_dir(
         out, run_hash, resume=cfg.resume, overwrite=p.overwrite, overwrite_key="prefer.overwrite"
     )
@@ -233,7 +242,10 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
     params = {"prefer": {k: getattr(p, k) for k in (*RECIPE, *PAIR_SETTINGS)}, "sft_adapter": str(sft_dir)}
     params |= {"base_model": cfg.base_model.name, "seed": cfg.seed, "version": version}
     events.event("prefer_start", persona_id=persona["id"], pairs=len(pairs), pairs_sha256=pairs_sha, resume=resuming)
-    with tracked_run(cfg.tracking, run_name=f"prefer-{persona['id']}-{version}", tags=tags, params=params) as tracker:
+    with (
+        discarded_unless_resumable(partial_dir(out)),
+        tracked_run(cfg.tracking, run_name=f"prefer-{persona['id']}-{version}", tags=tags, params=params) as tracker,
+    ):
         tracker.artifact(Path(p.out).with_suffix(".report.json"), "pairs")
         result = train_preference(
             pairs,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from selfalign.persona.schema import load_persona
 from selfalign.tracking import tracked_run
 from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_file, sha256_json
-from selfalign.utils.io import write_json
+from selfalign.utils.io import read_json, write_json
 from selfalign.utils.logging import EventLog
 
 # What makes two synth runs the same dataset (with the seed); a resumed run must match it.
@@ -44,7 +43,7 @@ def check_existing(out: Path, persona_id: str, config_hash: str, overwrite: bool
     """The finished dataset's meta when `out` already holds this exact run; refuse another persona's file."""
     files = RunFiles(out)
     if out.exists():
-        meta = json.loads(meta_path(out).read_text()) if meta_path(out).exists() else {}
+        meta = read_json(meta_path(out)) if meta_path(out).exists() else {}
         if meta.get("config_hash") == config_hash and meta.get("sha256") == sha256_file(out):
             return meta
         if not overwrite:
@@ -54,7 +53,7 @@ def check_existing(out: Path, persona_id: str, config_hash: str, overwrite: bool
                 "pass synth.overwrite=true to replace it, or choose another synth.out"
             )
     if files.state.exists() and not overwrite:
-        state = json.loads(files.state.read_text())
+        state = read_json(files.state)
         if state.get("config_hash") != config_hash:
             raise SelfAlignError(
                 f"{files.partial} is an unfinished synth run with another config; "

@@ -11,7 +11,15 @@ from pathlib import Path
 from selfalign.config import SelfAlignConfig, git_short_sha
 from selfalign.persona.schema import load_persona
 from selfalign.tracking import tracked_run
-from selfalign.train.run import adapter_version, finished_run, partial_dir, prepare_work_dir, publish_adapter
+from selfalign.train.run import (
+    adapter_version,
+    check_accelerator,
+    discarded_unless_resumable,
+    finished_run,
+    partial_dir,
+    prepare_work_dir,
+    publish_adapter,
+)
 from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_file, sha256_json
 from selfalign.utils.io import write_json
@@ -55,6 +63,7 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
         console.print(f"[green]train:[/] {out} already holds this exact run (same data, config, seed); skipped")
         EventLog(cfg.paths.run_dir).event("train_skip", **done)
         return {"passed": True, "skipped": True, **done}
+    check_accelerator(cfg.trainer)
     resuming = prepare_work_dir(
         out, run_hash, resume=cfg.resume, overwrite=cfg.train.overwrite, overwrite_key="train.overwrite"
     )
@@ -80,7 +89,10 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
         "seed": cfg.seed,
         "version": version,
     }
-    with tracked_run(cfg.tracking, run_name=f"train-{persona['id']}-{version}", tags=tags, params=params) as tracker:
+    with (
+        discarded_unless_resumable(work),
+        tracked_run(cfg.tracking, run_name=f"train-{persona['id']}-{version}", tags=tags, params=params) as tracker,
+    ):
         result = train_adapter(
             rows,
             base_cfg=cfg.base_model,

@@ -102,7 +102,7 @@ class ResumeCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if step == self.saved_step or step % self.every:
+        if step == 0 or step == self.saved_step or step % self.every:  # step 0: nothing trained to keep yet
             return
         if batch_idx + 1 >= trainer.num_training_batches:
             self.pending = True

@@ -7,14 +7,14 @@ interrupted run from its last checkpoint, and the finished adapter replaces the 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import shutil
 from pathlib import Path
 
 from selfalign.errors import SelfAlignError
 from selfalign.runmode import sweep_job_label
 from selfalign.utils.hashing import sha256_file
-from selfalign.utils.io import write_json
+from selfalign.utils.io import read_json, write_json
 
 RUN_STATE = "run.json"
 
@@ -34,7 +34,7 @@ def finished_run(out: Path, run_hash: str) -> dict | None:
     manifest_file, weights = out / "manifest.json", out / "adapter_model.safetensors"
     if not (manifest_file.is_file() and weights.is_file()):
         return None
-    manifest = json.loads(manifest_file.read_text())
+    manifest = read_json(manifest_file)
     if manifest.get("run_hash") != run_hash:
         return None
     return {
@@ -59,7 +59,7 @@ def prepare_work_dir(out: Path, run_hash: str, *, resume: bool, overwrite: bool,
     work = partial_dir(out)
     state_file = work / RUN_STATE
     if work.exists():
-        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        state = read_json(state_file) if state_file.exists() else {}
         last = work / "checkpoints" / "last.ckpt"
         if resume and state.get("run_hash") == run_hash and last.exists():
             return True
@@ -77,6 +77,29 @@ def prepare_work_dir(out: Path, run_hash: str, *, resume: bool, overwrite: bool,
     work.mkdir(parents=True)
     write_json({"run_hash": run_hash}, state_file)
     return False
+
+
+def check_accelerator(trainer_cfg) -> None:
+    """A trainer that asks for a GPU on a machine without one is one line, before any work dir is made."""
+    if trainer_cfg.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SelfAlignError(
+                f"trainer.accelerator={trainer_cfg.accelerator} but no CUDA device is visible; use trainer=cpu"
+            )
+
+
+@contextlib.contextmanager
+def discarded_unless_resumable(work: Path):
+    """A run that fails before its first checkpoint leaves nothing to resume: its work dir is removed, so it does
+    not block the next run. A run with a checkpoint keeps it for `resume=true`."""
+    try:
+        yield
+    except BaseException:
+        if not (work / "checkpoints" / "last.ckpt").exists():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def publish_adapter(

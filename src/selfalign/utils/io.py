@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from selfalign.errors import SelfAlignError
+
 UMASK = os.umask(0)  # read once at import: the process umask, restored on the next line
 os.umask(UMASK)
 
@@ -55,6 +57,19 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's value; a file that cannot be read, is not UTF-8 or is not JSON is one SelfAlignError naming it
+    (these are files a stage wrote and a user may have edited, truncated or made unreadable)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SelfAlignError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); fix or remove it") from None
+    except UnicodeDecodeError as exc:
+        raise SelfAlignError(f"{path}: not UTF-8 text (byte {exc.start}); fix or remove it") from None
+    except OSError as exc:
+        raise SelfAlignError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
