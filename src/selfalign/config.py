@@ -25,6 +25,15 @@ from omegaconf import MISSING, OmegaConf
 from selfalign.runtime.families import CHAT_TEMPLATES, LORA_TARGET_GROUPS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def project_relative(path: str | os.PathLike) -> str:
+    """A path as reports record it: relative to the project when inside it, so a report reads the same on every
+    clone; absolute otherwise."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(PROJECT_ROOT)) if resolved.is_relative_to(PROJECT_ROOT) else str(resolved)
+
+
 CONF_DIR = PROJECT_ROOT / "conf"
 
 

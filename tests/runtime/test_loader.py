@@ -25,6 +25,7 @@ from selfalign.runtime.loader import (
     set_active,
     unload_adapter,
 )
+from selfalign.utils.hashing import sha256_file
 
 PROMPT = "Tell me about the sea."
 TOKENS = 12
@@ -329,6 +330,36 @@ def test_refuses_corrupt_manifest(tiny, adapters, root):
     refused(tiny, "noid", root, r"missing field 'adapter_id'")
 
 
+def rehash(adapter_dir):
+    """Record the current weights' sha256 in the manifest, as a save would."""
+    path = adapter_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["weights_sha256"] = sha256_file(adapter_dir / "adapter_model.safetensors")
+    path.write_text(json.dumps(manifest))
+
+
+def test_flipped_weight_bytes_and_nan_weights_are_refused(tiny, adapters, root):
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((adapters / "A" / "manifest.json").read_text())
+    assert manifest["weights_sha256"] == sha256_file(adapters / "A" / "adapter_model.safetensors")
+    flipped = copy_adapter(adapters / "A", root / "flipped")
+    data = bytearray((flipped / "adapter_model.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # one byte of the last tensor: still a readable safetensors file
+    (flipped / "adapter_model.safetensors").write_bytes(bytes(data))
+    message = refused(
+        tiny, "flipped", root, r"adapter_model\.safetensors: sha256 [0-9a-f]{12}\.\.\. is not the manifest's"
+    )
+    assert f"{manifest['weights_sha256'][:12]}..." in message and "retrain or restore them" in message
+    nan = copy_adapter(adapters / "A", root / "nan")
+    tensors = load_file(nan / "adapter_model.safetensors")
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, nan / "adapter_model.safetensors")
+    rehash(nan)
+    refused(tiny, "nan", root, r"adapter failed to load \(ValueError: 1 of \d+ weight tensors hold NaN or inf values\)")
+    assert not isinstance(tiny.model, PeftModel)
+
+
 def test_corrupt_weights_are_refused_and_leave_base_intact(adapters, root):
     handle = load_base("tiny_llama", device="cpu")
     base = greedy(handle)
@@ -349,6 +380,7 @@ def test_weights_that_fail_midway_are_rolled_back(adapters, root):
     wrong = copy_adapter(adapters / "A", root / "wrong-shapes", adapter_id="wrong")
     weights = wrong / "adapter_model.safetensors"
     save_file({k: torch.zeros(3, 3) for k in load_file(weights)}, weights)
+    rehash(wrong)  # the manifest vouches for these weights: the failure is PEFT's, after it injected layers
     with pytest.raises(SelfAlignError, match=r"adapter failed to load .*size mismatch"):
         apply_adapter(handle, "wrong-shapes", root=root)
     assert type(handle.model).__name__ == "LlamaForCausalLM" and greedy(handle) == base

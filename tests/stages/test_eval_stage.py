@@ -50,6 +50,8 @@ def test_two_adapters_against_one_base_with_gates_reports_and_samples(cli, tmp_p
     (run_dir,) = run_dirs(tmp_path, "eval")
     assert json.loads((run_dir / "eval_report.json").read_text()) == report
     assert report["evalset"]["n"] == 100 and len(report["evalset"]["sha256"]) == 64
+    assert report["evalset"]["path"] == "golden/golden_v0.jsonl"  # inside the project: relative, on every clone
+    assert report["policy"]["path"] == "golden/policy_v0.jsonl"
     assert [a["persona_id"] for a in report["adapters"]] == ["neutral-concise", "socratic-skeptical"]
     for entry in report["adapters"]:
         m, b, gates = entry["metrics"], entry["base_metrics"], entry["gates"]

@@ -193,6 +193,16 @@ def test_trainer_mistakes_are_one_line_and_leave_no_work_dir(cli, tmp_path, over
     assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").rglob("*.partial"))
 
 
+def test_checkpoints_are_saved_without_lightnings_weights_only_notice(train_cfg, caplog):
+    """Lightning logged "`weights_only` was not set" on every save: about what is saved, but read as a pickle load."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        result = train.run(train_cfg("trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2"))
+    assert result["steps"] == 4
+    assert "weights_only" not in caplog.text
+
+
 def test_the_precisions_are_lightnings():
     import typing
 

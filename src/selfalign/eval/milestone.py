@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from selfalign.config import project_relative
 from selfalign.eval.report import EvalReport
 from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_json
@@ -20,7 +21,7 @@ def milestone_row(
         row["dataset_sha256"] = synth.get("sha256")
         row["rows"] = synth.get("rows")
     if train:
-        row |= {"adapter_dir": train["adapter_dir"], "adapter_sha256": train["adapter_sha256"]}
+        row |= {"adapter_dir": project_relative(train["adapter_dir"]), "adapter_sha256": train["adapter_sha256"]}
         row |= {"val_loss": train["val_loss"], "registry_version": train.get("registry_version")}
     if report and report.adapters:
         entry = report.adapters[0]

@@ -1,7 +1,7 @@
 """Adapter directories on disk: where they may come from, what they must hold, how they are written.
 
 An adapter dir holds `adapter_config.json`, `adapter_model.safetensors` and `manifest.json` (the
-seed's manifest plus the base model name and chat-template hash that attaching checks). Only
+seed's manifest plus the base model name, chat-template hash and weights' sha256 that attaching checks). Only
 safetensors load, and only from inside the configured adapter root.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from selfalign import __version__
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.families import LORA_TARGET_GROUPS, lora_target_modules
+from selfalign.utils.hashing import sha256_file
 from selfalign.utils.io import UMASK, atomic_dir, read_json
 
 MANIFEST = "manifest.json"
@@ -67,6 +68,14 @@ def read_manifest(path: Path) -> dict:
     for key in ("adapter_id", "version", "base_model", "chat_template_hash"):
         if not manifest.get(key):
             raise SelfAlignError(f"{path / MANIFEST}: missing field {key!r}")
+    expected = manifest.get("weights_sha256")  # absent only in adapters saved before weights were hashed
+    if expected is not None:
+        actual = sha256_file(path / WEIGHTS)
+        if actual != expected:
+            raise SelfAlignError(
+                f"{path / WEIGHTS}: sha256 {actual[:12]}... is not the manifest's {str(expected)[:12]}...: the weights "
+                "changed after they were saved; retrain or restore them"
+            )
     return manifest
 
 
@@ -132,6 +141,7 @@ def save_adapter(peft_model, adapter_name: str, out_dir: str | os.PathLike, mani
                 os.replace(item, tmp / item.name)
             nested.rmdir()
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card; the manifest says it all
+        manifest["weights_sha256"] = sha256_file(tmp / WEIGHTS)  # in place: later rewrites of the manifest keep it
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _make_readable(tmp)
     return out

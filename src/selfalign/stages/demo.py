@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from selfalign.config import SelfAlignConfig
+from selfalign.config import SelfAlignConfig, project_relative
 from selfalign.eval.milestone import milestone_row, print_milestone
 from selfalign.eval.report import EvalReport
 from selfalign.persona.schema import load_persona, personas_by_id
@@ -139,7 +139,7 @@ def milestone_rows(cfg: SelfAlignConfig, planned: list, personas: dict) -> list[
         persona, _ = load_persona(personas[pid])
         synth = {"sha256": manifest.get("dataset_sha256"), "rows": (manifest.get("training") or {}).get("rows")}
         train = {
-            "adapter_dir": str(path),
+            "adapter_dir": project_relative(path),
             "adapter_sha256": sha256_file(path / "adapter_model.safetensors"),
             "val_loss": manifest["metrics"].get("val_loss"),
             "registry_version": (manifest.get("registry") or {}).get("version"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from selfalign.config import SelfAlignConfig, git_short_sha
+from selfalign.config import SelfAlignConfig, git_short_sha, project_relative
 from selfalign.errors import SelfAlignError
 from selfalign.eval.golden import CUSTOM_NOTE, load_custom_set, load_golden, load_policy
 from selfalign.eval.harness import Outputs, Target, evaluate, evaluate_policy
@@ -86,7 +86,7 @@ def run(cfg: SelfAlignConfig) -> dict:
     handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
     attached = attach_timed(handle, planned, cfg.paths.adapters_dir)
     targets = [
-        Target(name, persona, manifest, str(path), ms)
+        Target(name, persona, manifest, project_relative(path), ms)
         for (path, manifest, persona), (name, ms) in zip(planned, attached, strict=True)
     ]
 
@@ -122,8 +122,9 @@ def run(cfg: SelfAlignConfig) -> dict:
     if policy_rows:
         if policy_cached is None:
             write_json(vars(policy_base), policy_cache)
-        report.policy = {"path": str(cfg.eval.policy), "sha256": policy_sha, "n": len(policy_rows), **policy}
-    report.evalset = {"path": str(golden_path), "sha256": golden_sha, "n": len(rows), "custom": custom}
+        policy_path = project_relative(cfg.eval.policy)
+        report.policy = {"path": policy_path, "sha256": policy_sha, "n": len(policy_rows), **policy}
+    report.evalset = {"path": project_relative(golden_path), "sha256": golden_sha, "n": len(rows), "custom": custom}
     if custom:
         report.evalset["note"] = CUSTOM_NOTE
     report.config_hash = config_hash

@@ -117,7 +117,10 @@ class ResumeCheckpoint(Callback):
     def save(self, trainer: pl.Trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)
+        # The whole training state (optimizer, scheduler, loops), said explicitly: Lightning logs "`weights_only`
+        # was not set, defaulting to `False`" on every save otherwise. That line is about what is saved, not how
+        # anything is loaded; a resume loads it with weights_only=True (`fit_adapter`).
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         self.saved_step = trainer.global_step
