@@ -57,7 +57,7 @@ pipeline: setup
 demo: setup
 	$(SA) stage=demo
 
-## The MLflow UI on http://127.0.0.1:5000 over mlruns/ (Ctrl-C stops it).
+## The MLflow UI over mlruns/: open the runs link it prints (http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning); Ctrl-C stops it.
 mlflow-ui: setup
 	$(SA) stage=ui
 

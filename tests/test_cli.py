@@ -125,9 +125,17 @@ def test_user_error_is_one_line_exit_2_and_debug_shows_traceback(cli):
     assert proc.stderr.strip().endswith("error: config lora.dropout must be in [0, 1) (got 2.0)")
 
 
-def test_help_lists_the_groups(cli):
+def test_help_names_selfalign_the_quickstart_every_stage_and_the_groups(cli):
+    from selfalign.stages import STAGES
+
     proc = cli("--help")
     assert proc.returncode == 0
+    assert proc.stdout.startswith("SelfAlign: a written persona in") and "powered by Hydra" not in proc.stdout
+    assert "make all" in proc.stdout and "stage=pipeline persona=neutral_concise,socratic_skeptical" in proc.stdout
+    lines = proc.stdout.splitlines()
+    for name in STAGES:
+        described = [line for line in lines if line.startswith(f"  {name} ")]
+        assert len(described) == 1 and len(described[0].split(None, 1)[1]) > 20, name
     for group in ("persona:", "base_model:", "lora:", "stage:", "trainer:", "teacher:", "tracking:"):
         assert group in proc.stdout
 

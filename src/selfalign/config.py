@@ -62,6 +62,19 @@ OmegaConf.register_new_resolver("selfalign_root", project_root, replace=True)
 OmegaConf.register_new_resolver("git_sha", git_short_sha, replace=True)
 
 
+def stage_lines() -> str:
+    """`--help`'s list of stages, one line each, from each stage's own config (`conf/stage/<name>.yaml`)."""
+    lines = []
+    for path in sorted((CONF_DIR / "stage").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        node = node.get("stage", node)  # a global stage config (pipeline) keeps its own under `stage:`
+        lines.append(f"  {node.name:<9} {node.get('description', '')}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("stage_lines", stage_lines, replace=True)
+
+
 @dataclass
 class PathsConfig:
     """Every path derives from `root_dir`; `run_dir` is the Hydra output dir of this run."""

@@ -51,6 +51,21 @@ class Tracker:
 
             mlflow.log_artifacts(str(folder_path), artifact_path=folder)
 
+    def dataset(self, path: str | Path, name: str, context: str) -> None:
+        """Log a JSONL file as an MLflow dataset input (the runs table's Dataset column): its rows as a table, its
+        sha256 as the digest, its path as the source; `context` is `training` or `evaluation`."""
+        if not self.run_id:
+            return
+        import mlflow
+        import pandas as pd
+
+        from selfalign.utils.hashing import sha256_file
+        from selfalign.utils.io import iter_jsonl
+
+        frame = pd.DataFrame([row for _, row in iter_jsonl(path)])
+        data = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=sha256_file(path)[:16])
+        mlflow.log_input(data, context=context)
+
     def tags(self, values: dict[str, str]) -> None:
         if self.run_id:
             import mlflow

@@ -84,6 +84,10 @@ def test_train_writes_adapter_manifest_run_files_and_mlflow(train_cfg, tmp_path)
     assert run.data.params["lora.r"] == "16" and run.data.params["lora.lr"] == "0.00015"
     assert run.data.tags["stage"] == "train" and run.data.tags["persona_id"] == "neutral-concise"
     assert run.data.tags["dataset_sha256"] == manifest["dataset_sha256"]
+    (data_input,) = run.inputs.dataset_inputs  # the runs table's Dataset column
+    assert data_input.dataset.name == "sft-neutral-concise"
+    assert data_input.dataset.digest == manifest["dataset_sha256"][:16]
+    assert [(t.key, t.value) for t in data_input.tags] == [("mlflow.data.context", "training")]
     assert run.data.tags["run_dir"] == str(tmp_path / "run")
     assert len(c.get_metric_history(run.info.run_id, "train_loss")) == 10
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val_loss")][:2] == [4, 9]
@@ -193,14 +197,16 @@ def test_trainer_mistakes_are_one_line_and_leave_no_work_dir(cli, tmp_path, over
     assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").rglob("*.partial"))
 
 
-def test_checkpoints_are_saved_without_lightnings_weights_only_notice(train_cfg, caplog):
-    """Lightning logged "`weights_only` was not set" on every save: about what is saved, but read as a pickle load."""
+def test_checkpoints_are_saved_without_lightnings_weights_only_notice_or_its_tips(train_cfg, caplog):
+    """Lightning logged "`weights_only` was not set" on every save: about what is saved, but read as a pickle load;
+    and a "💡 Tip" for its cloud products on every Trainer."""
     import logging
 
     with caplog.at_level(logging.INFO):
         result = train.run(train_cfg("trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2"))
     assert result["steps"] == 4
     assert "weights_only" not in caplog.text
+    assert "Tip" not in caplog.text and "GPU available" in caplog.text  # Lightning's ads go, its facts stay
 
 
 def test_the_precisions_are_lightnings():

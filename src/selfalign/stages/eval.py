@@ -216,6 +216,10 @@ def log_to_mlflow(cfg: SelfAlignConfig, report: EvalReport, golden_sha: str, run
             flat |= policy_metrics(report.policy, entry.name if entry else None)
         with tracked_run(cfg.tracking, run_name=run_name, tags=tags, params=params) as tracker:
             tracker.metrics(flat)
+            evalset = Path(cfg.eval.custom_set or cfg.eval.golden)
+            tracker.dataset(evalset, evalset.stem, "evaluation")
+            if report.policy is not None:
+                tracker.dataset(cfg.eval.policy, Path(cfg.eval.policy).stem, "evaluation")
             tracker.artifact(run_dir / "eval_report.json")
             tracker.artifact(run_dir / "samples" / f"{sample}.jsonl", "samples")
             if report.policy is not None:

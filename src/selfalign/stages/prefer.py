@@ -247,6 +247,7 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
         tracked_run(cfg.tracking, run_name=f"prefer-{persona['id']}-{version}", tags=tags, params=params) as tracker,
     ):
         tracker.artifact(Path(p.out).with_suffix(".report.json"), "pairs")
+        tracker.dataset(p.out, f"pairs-{persona['id']}", "training")
         result = train_preference(
             pairs,
             sft_dir=sft_dir,

@@ -93,6 +93,7 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
         discarded_unless_resumable(work),
         tracked_run(cfg.tracking, run_name=f"train-{persona['id']}-{version}", tags=tags, params=params) as tracker,
     ):
+        tracker.dataset(data, f"sft-{persona['id']}", "training")
         result = train_adapter(
             rows,
             base_cfg=cfg.base_model,

@@ -8,6 +8,7 @@ here; run bookkeeping (versions, work dirs, run hashes) lives in `train/run.py`.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import pickle
 import sys
@@ -25,6 +26,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from selfalign.config import TrainerConfig
 from selfalign.errors import SelfAlignError
 from selfalign.utils.logging import EventLog
+
+
+def _no_tips(record: logging.LogRecord) -> bool:
+    """Lightning advertises its cloud products on every Trainer ("💡 Tip: ..."): noise in every training log."""
+    return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
 
 METRICS_FILE = "train_metrics.jsonl"
 LAST_CKPT = "last.ckpt"
