@@ -4,8 +4,9 @@
     python scripts/train_toxicity_head.py --check    # rebuild in memory, fail if it differs from the shipped files
     python scripts/train_toxicity_head.py --check-first-epoch  # the first of the 5 epochs only (the test suite's)
     python scripts/train_toxicity_head.py --dev      # hold 20% of the training rows out, print dev AUC per epoch
-    python scripts/train_toxicity_head.py --loso     # only the leave-one-source-out block (5 fits)
+    python scripts/train_toxicity_head.py --loso     # only the leave-one-source-out block (4 fits)
     python scripts/train_toxicity_head.py --suite    # only re-score the functional suite with the shipped head
+    python scripts/train_toxicity_head.py --with-grammar DIR  # the candidate with the grammar source, into DIR
 
 Sources (judge_data/README.md has their licences and sha256):
 - davidson: Davidson et al. 2017 tweets (MIT). `hate` -> 1, `neither` -> 0. The `offensive` class is left out:
@@ -15,8 +16,10 @@ Sources (judge_data/README.md has their licences and sha256):
 - contrast: judge_data/toxicity/contrast_sentences.jsonl, written for this project: negated hate, counter-speech
   that quotes hate, reclaimed slurs and casual profanity (0) with hateful counterparts that also negate or
   quote (1); rows within cosine 0.80 of a functional-suite case were dropped before any training.
-- grammar: judge_data/toxicity/grammar_sentences.jsonl, expanded from train_grammar.yaml (scripts/expand_grammars.py):
-  the same phenomena as contrast, templates x groups x attributes, labelled by construction.
+- grammar (`--with-grammar DIR` only): judge_data/toxicity/grammar_sentences.jsonl, expanded from train_grammar.yaml
+  (scripts/expand_grammars.py): the same phenomena as contrast, templates x groups x attributes, labelled by
+  construction. The head trained with it was measured and not shipped: it scores the project's own refusals as
+  toxic (DECISIONS.md).
 Each source is split once, stratified, 25% held out (seed 42), before any choice is made.
 The model is `selfalign.eval.toxicity.ARCH`: two layers of all-MiniLM-L6-v2 with rank-16 LoRA and a linear head, trained
 with binary cross-entropy, each source weighted equally and classes balanced within a source, AdamW with a
@@ -92,8 +95,9 @@ def clean_tweet(text: str) -> str:
     return re.sub(r"\s+", " ", _MENTION.sub(" ", text)).strip(' !:"')
 
 
-def load_sources() -> dict[str, list[dict]]:
-    """Rows `{"text", "label"}` per source, in file order (the splits depend on that order)."""
+def load_sources(grammar: bool = False) -> dict[str, list[dict]]:
+    """Rows `{"text", "label"}` per source, in file order (the splits depend on that order). `grammar`: add the
+    grammar sentences, the source of the candidate head that was measured and not shipped (DECISIONS.md)."""
     davidson = []
     for row in csv.DictReader(io.StringIO(DAVIDSON.read_text(encoding="utf-8"))):
         if row["class"] in ("0", "2"):
@@ -105,8 +109,7 @@ def load_sources() -> dict[str, list[dict]]:
         "toxigen": [{"text": r["text"], "label": r["label"]} for r in _jsonl(TOXIGEN)],
         "project": [{"text": r["text"], "label": r["label"]} for r in load_labelled(TOXICITY_DATA)],
         "contrast": [{"text": r["text"], "label": r["label"]} for r in load_labelled(CONTRAST)],
-        "grammar": [{"text": r["text"], "label": r["label"]} for r in _jsonl(GRAMMAR)],
-    }
+    } | ({"grammar": [{"text": r["text"], "label": r["label"]} for r in _jsonl(GRAMMAR)]} if grammar else {})
 
 
 def splits(sources: dict[str, list[dict]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -269,8 +272,8 @@ def leave_one_source_out(sources: dict[str, list[dict]], parts) -> dict:
     return {"by_source": out, "worst": {"source": worst, "roc_auc": out[worst]["all"]["roc_auc"]}}
 
 
-def build() -> tuple[dict[str, np.ndarray], dict]:
-    sources = load_sources()
+def build(grammar: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    sources = load_sources(grammar)
     parts = splits(sources)
     names = list(sources)
     first_epoch = {}
@@ -358,7 +361,17 @@ def main() -> int:
     parser.add_argument(
         "--check-first-epoch", action="store_true", help="train one epoch, compare with the shipped fingerprint"
     )
+    parser.add_argument(
+        "--with-grammar", metavar="DIR", type=Path, help="build the candidate with the grammar source into DIR"
+    )
     args = parser.parse_args()
+    if args.with_grammar:
+        tensors, meta = build(grammar=True)
+        args.with_grammar.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(args.with_grammar / TOXICITY_HEAD.name), metadata={"architecture": json.dumps(ARCH)})
+        (args.with_grammar / Path(TOXICITY_META).name).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps({"heldout": meta["heldout"], "suite": meta["functional_suite"]}))
+        return 0
     if args.check_first_epoch:
         sources = load_sources()
         got = fingerprint(train(*training_rows(sources, splits(sources)), epochs=1))
