@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 WORDS = [
@@ -77,7 +78,7 @@ def rows(n: int) -> list[dict]:
 def ours(args, data: list[dict]) -> dict:
     import lightning.pytorch as pl
 
-    from selfalign.config import TrainerConfig
+    from selfalign.config import compose_typed
     from selfalign.runtime.loader import resolve_base_model
     from selfalign.tracking import Tracker
     from selfalign.train.sft import train_adapter
@@ -96,9 +97,8 @@ def ours(args, data: list[dict]) -> dict:
 
     timer = Timer()
     lora = bench_lora(args)
-    trainer_cfg = TrainerConfig(
-        accelerator="cpu",
-        devices=1,
+    trainer_cfg = replace(
+        compose_typed(["trainer=cpu"]).trainer,
         max_steps=args.steps,
         accumulate_grad_batches=1,
         val_check_interval=10_000,
@@ -141,9 +141,11 @@ class TokenCount:
 
 
 def bench_lora(args):
-    from selfalign.config import LoraConfig
+    """The default recipe from the presets, at the benchmark's batch and length."""
+    from selfalign.config import compose_typed
 
-    return LoraConfig(micro_batch_size=args.batch, max_seq_len=args.max_seq_len, val_fraction=0.05)
+    lora = compose_typed().lora
+    return replace(lora, micro_batch_size=args.batch, max_seq_len=args.max_seq_len, val_fraction=0.05)
 
 
 def steady(marks: list[tuple[float, int, int]], warmup: int) -> dict:
@@ -163,7 +165,7 @@ def baseline(args, data: list[dict]) -> dict:
     """PEFT + `transformers.Trainer` as its docs show, on the identical tokenised rows."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from selfalign.config import TrainerConfig
+    from selfalign.config import compose_typed
     from selfalign.runtime.loader import resolve_base_model
     from selfalign.train.data import ResumableSampler, SFTDataModule, pad_batch
     from selfalign.train.fit import reuse_host_memory
@@ -172,7 +174,7 @@ def baseline(args, data: list[dict]) -> dict:
     if args.same_malloc:
         reuse_host_memory()
     lora = bench_lora(args)
-    model, handle = build_peft_model(resolve_base_model(args.model), lora, TrainerConfig(accelerator="cpu"))
+    model, handle = build_peft_model(resolve_base_model(args.model), lora, compose_typed(["trainer=cpu"]).trainer)
     tok = handle.tokenizer
     tok.padding_side = "right"
     ours_data = SFTDataModule(

@@ -86,3 +86,14 @@ def cli(tmp_path):
 
 def run_dirs(tmp_path: Path, stage: str) -> list[Path]:
     return sorted((tmp_path / "outputs" / stage).iterdir())
+
+
+def preset(group: str, option: str | None = None, **changes):
+    """A config group's typed dataclass as the YAML presets make it (`option`, else the default one), with
+    `changes`: the one source of defaults, for tests that call library functions directly."""
+    import dataclasses
+
+    from selfalign.config import compose_typed
+
+    typed = compose_typed([f"{group}={option}"] if option else [])
+    return dataclasses.replace(getattr(typed, group), **changes)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from selfalign.config import TrackingConfig
 from selfalign.tracking import EXPERIMENT_KIND, tracked_run
+from tests.conftest import preset
 
 
 def test_experiment_opens_on_its_runs_new_or_old(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    cfg = TrackingConfig(tracking_uri=uri, artifact_location=str(tmp_path / "mlruns" / "artifacts"))
+    cfg = preset("tracking", "mlflow", tracking_uri=uri, artifact_location=str(tmp_path / "mlruns" / "artifacts"))
     with tracked_run(cfg, run_name="one", tags={"stage": "test"}, params={"a": 1}) as tracker:
         tracker.metrics({"loss": 0.5})
     client = MlflowClient(tracking_uri=uri)

@@ -16,9 +16,8 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from selfalign.config import CONF_DIR, SelfAlignConfig, undeclared_key, undeclared_keys
+from selfalign.config import CONF_DIR, to_typed, undeclared_key, undeclared_message
 from selfalign.errors import SelfAlignError
 from selfalign.runmode import in_multirun
 from selfalign.utils.console import err_console
@@ -33,26 +32,6 @@ RESULT_FILE = "result.json"
 def print_error(message: str) -> None:
     """A user's mistake: one line on stderr, `error: <message>`."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-
-
-def undeclared_message(key: str) -> str:
-    return f"config {key}: not a setting SelfAlign declares (check the spelling; a leading + does not add one)"
-
-
-def to_typed(cfg: DictConfig) -> SelfAlignConfig:
-    """The composed config as dataclasses; `__post_init__` checks, missing values and keys no schema declares
-    (which Hydra's `+key=value` would otherwise let through, ignored) become user errors."""
-    undeclared = undeclared_keys(cfg)
-    if undeclared:
-        raise SelfAlignError(undeclared_message(undeclared[0]))
-    try:
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        msg = str(exc).splitlines()[0]
-        raise SelfAlignError(f"config {key}: {msg}" if key else f"config: {msg}") from None
-    except ValueError as exc:
-        raise SelfAlignError(f"config {exc}") from None
 
 
 def write_run_files(cfg: DictConfig, run_dir: Path) -> None:

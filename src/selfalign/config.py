@@ -117,13 +117,13 @@ class BaseModelConfig:
     gguf_package: str | None = None
     gguf_file: str | None = None
     revision: str | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-    max_seq_len: int = 1024
-    approx_params_b: float = 0.0  # for memory estimates in docs and doctor
+    dtype: str = MISSING  # float32, bfloat16, float16 or auto
+    device: str = MISSING  # auto, cpu or cuda[:n]
+    max_seq_len: int = MISSING
+    approx_params_b: float = MISSING  # for memory estimates in docs and doctor
     # This base's LoRA learning rate, the default of lora.lr (conf/lora/default.yaml reads it): small models
     # take far more than the seed's 7-8B setting. Each preset's value and the sweep behind it: DECISIONS.md.
-    lora_lr: float = 1.5e-4
+    lora_lr: float = MISSING
 
     def __post_init__(self) -> None:
         if self.lora_lr <= 0:
@@ -147,23 +147,23 @@ class BaseModelConfig:
 class LoraConfig:
     """The adapter and the recipe that trains it (seed §7 / Appendix A); sweeps vary these."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGET_GROUPS))
-    qlora: bool = False  # load the base in 4-bit NF4 (bitsandbytes) with bf16 compute
-    lr: float = 1.5e-4
-    scheduler: str = "cosine"  # cosine decay to 0 after linear warmup, or "constant" after warmup
-    warmup_ratio: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
-    micro_batch_size: int = 4  # rows per forward pass; trainer.accumulate_grad_batches reaches the step size
-    max_seq_len: int = 1024  # longer rows are truncated (and counted)
-    val_fraction: float = 0.1  # held out by seed for validation loss and early stopping
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    targets: list[str] = MISSING
+    qlora: bool = MISSING  # load the base in 4-bit NF4 (bitsandbytes) with bf16 compute
+    lr: float = MISSING
+    scheduler: str = MISSING  # cosine decay to 0 after linear warmup, or "constant" after warmup
+    warmup_ratio: float = MISSING
+    beta1: float = MISSING
+    beta2: float = MISSING
+    weight_decay: float = MISSING
+    micro_batch_size: int = MISSING  # rows per forward pass; trainer.accumulate_grad_batches reaches the step size
+    max_seq_len: int = MISSING  # longer rows are truncated (and counted)
+    val_fraction: float = MISSING  # held out by seed for validation loss and early stopping
     # Times each policy row (a redline refusal or a near-miss answered, by its safety tag) is seen per epoch in
     # the training split; the dataset, its refusal band and the validation split stay as synthesized.
-    policy_repeat: int = 1
+    policy_repeat: int = MISSING
     # Recompute activations in the backward pass: less memory, ~30% more compute. null: on for QLoRA on
     # a GPU (PEFT's k-bit default), off otherwise; true is what bf16 LoRA on a 7-8B base needs to fit 48 GB.
     gradient_checkpointing: bool | None = None
@@ -221,25 +221,25 @@ class TrainerConfig:
     Any other Trainer argument goes in `extra` (`+trainer.extra.limit_val_batches=2`).
     """
 
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"
-    max_epochs: int = 1
-    max_steps: int = -1
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float = 1.0
-    log_every_n_steps: int = 1
-    val_check_interval: Any = 1.0
-    num_sanity_val_steps: int = 0
-    deterministic: bool = True
-    early_stop_patience: int = 3  # validation checks without a val_loss improvement before stopping
-    early_stop_min_delta: float = 0.0
-    checkpoint_every_n_steps: int = 50  # optimizer steps between resumable checkpoints
+    accelerator: str = MISSING
+    devices: Any = MISSING
+    strategy: str = MISSING
+    num_nodes: int = MISSING
+    precision: str = MISSING
+    max_epochs: int = MISSING
+    max_steps: int = MISSING
+    accumulate_grad_batches: int = MISSING
+    gradient_clip_val: float = MISSING
+    log_every_n_steps: int = MISSING
+    val_check_interval: Any = MISSING
+    num_sanity_val_steps: int = MISSING
+    deterministic: bool = MISSING
+    early_stop_patience: int = MISSING  # validation checks without a val_loss improvement before stopping
+    early_stop_min_delta: float = MISSING
+    checkpoint_every_n_steps: int = MISSING  # optimizer steps between resumable checkpoints
     # glibc: keep freed host memory in the process for the next step instead of mapping fresh pages
     # (-16% CPU step time on SmolLM2; the heap stays at its peak size until the process exits).
-    reuse_host_memory: bool = False
+    reuse_host_memory: bool = MISSING
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -260,10 +260,10 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = MISSING
     tracking_uri: str = MISSING
     artifact_location: str = MISSING
-    experiment_name: str = "selfalign"
+    experiment_name: str = MISSING
 
 
 class TeacherKind(str, Enum):
@@ -280,13 +280,14 @@ class InstructionSource(str, Enum):
 @dataclass
 class TeacherConfig:
     kind: TeacherKind = MISSING
-    model: str | None = None  # local: a base_model preset name (None = the run's base_model); openai: model id
+    model: str | None = MISSING  # local: a base_model preset name (None = the run's base_model); openai: model id
     base_url: str | None = None
     api_key_env: str | None = None  # name of the environment variable holding the key, never the key
-    batch_size: int = 16
-    max_concurrency: int = 4
-    timeout_s: float = 60.0
-    max_retries: int = 3
+    batch_size: int = MISSING
+    # kind=openai only (conf/teacher/openai.yaml sets them): requests in flight, seconds per request, retries
+    max_concurrency: int | None = None
+    timeout_s: float | None = None
+    max_retries: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind is TeacherKind.openai and not (self.base_url and self.model):
@@ -296,7 +297,7 @@ class TeacherConfig:
 @dataclass
 class StageConfig:
     name: str = MISSING
-    description: str = ""
+    description: str = MISSING
 
 
 @dataclass
@@ -678,3 +679,48 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+def undeclared_message(key: str) -> str:
+    return f"config {key}: not a setting SelfAlign declares (check the spelling; a leading + does not add one)"
+
+
+def to_typed(cfg: Any) -> SelfAlignConfig:
+    """The composed config as dataclasses; `__post_init__` checks, missing values and keys no schema declares
+    (which Hydra's `+key=value` would otherwise let through, ignored) become user errors."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from selfalign.errors import SelfAlignError
+
+    undeclared = undeclared_keys(cfg)
+    if undeclared:
+        raise SelfAlignError(undeclared_message(undeclared[0]))
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        msg = str(exc).splitlines()[0]
+        raise SelfAlignError(f"config {key}: {msg}" if key else f"config: {msg}") from None
+    except ValueError as exc:
+        raise SelfAlignError(f"config {exc}") from None
+
+
+def compose_typed(overrides: list[str] = (), run_dir: str | os.PathLike | None = None) -> SelfAlignConfig:
+    """The config `python -m selfalign <overrides>` would run with, typed: for library calls (the seed's function
+    contracts) that must use the YAML presets, the one source of every default, rather than restate them. Without a
+    Hydra run there is no run dir: `run_dir` (default: a fresh temporary dir) stands in."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    run_dir = run_dir or tempfile.mkdtemp(prefix="selfalign-run-")
+    overrides = [f"paths.run_dir={run_dir}", *overrides]
+
+    if GlobalHydra.instance().is_initialized():  # inside a running app: same config dir
+        return to_typed(compose(config_name="config", overrides=list(overrides)))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            return to_typed(compose(config_name="config", overrides=list(overrides)))
+        finally:
+            GlobalHydra.instance().clear()

@@ -21,6 +21,7 @@ import torch
 from selfalign.config import BaseModelConfig, LoraConfig, ModelSource, TrainerConfig
 from selfalign.errors import SelfAlignError
 from selfalign.tracking import Tracker
+from tests.conftest import preset
 from tests.train.helpers import sft_rows
 
 ON_CPU = os.environ.get("SELFALIGN_TEST_GPU_ON_CPU") == "1"
@@ -67,25 +68,30 @@ def base_cfg(tokenizer_dir, tmp_path_factory) -> BaseModelConfig:
     path = tmp_path_factory.mktemp("base")
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    return BaseModelConfig(
+    return preset(
+        "base_model",
+        "tiny_llama",
         name="tiny-llama-gpu",
-        family="llama",
         source=ModelSource.local,
         path=str(path),
         dtype="bfloat16",
+        device="auto",
         max_seq_len=256,
     )
 
 
 def trainer_cfg(steps: int) -> TrainerConfig:
-    return TrainerConfig(
+    return preset(
+        "trainer",
+        "cpu" if ON_CPU else "gpu",
         accelerator="cpu" if ON_CPU else "gpu",
-        devices=1,
         precision="bf16-mixed",
         max_steps=steps,
         max_epochs=50,
+        accumulate_grad_batches=1,
         log_every_n_steps=1,
         deterministic=False,
+        reuse_host_memory=False,
         extra={"enable_progress_bar": False},
     )
 
@@ -153,7 +159,7 @@ def lora_b_norm(peft_model) -> float:
 
 
 def test_qlora_trains_on_cuda_with_an_nf4_base(base_cfg, tmp_path):
-    lora = LoraConfig(qlora=True, micro_batch_size=4, lr=5e-3, warmup_ratio=0.0)
+    lora = preset("lora", qlora=True, micro_batch_size=4, lr=5e-3, warmup_ratio=0.0)
     result, losses, probe = fit(base_cfg, lora, tmp_path)
     assert probe.quantized == [(DEVICE, "nf4")] * (7 * 2)  # q,k,v,o,gate,up,down in each of the 2 layers
     assert {device for device, _ in probe.outputs} == {DEVICE}  # the training forward ran on the GPU
@@ -165,7 +171,7 @@ def test_qlora_trains_on_cuda_with_an_nf4_base(base_cfg, tmp_path):
 
 @pytest.fixture(scope="module")
 def bf16_run(base_cfg, tmp_path_factory):
-    lora = LoraConfig(micro_batch_size=4, lr=1e-2, warmup_ratio=0.0)
+    lora = preset("lora", micro_batch_size=4, lr=1e-2, warmup_ratio=0.0)
     result, losses, probe = fit(base_cfg, lora, tmp_path_factory.mktemp("bf16"))
     return result, losses, probe, lora
 

@@ -209,6 +209,24 @@ def test_checkpoints_are_saved_without_lightnings_weights_only_notice_or_its_tip
     assert "Tip" not in caplog.text and "GPU available" in caplog.text  # Lightning's ads go, its facts stay
 
 
+def test_train_sft_contract_uses_the_presets_recipe(tmp_path):
+    """The seed's `train_sft`: the recipe `stage=train` composes (the base's own lora_lr, the CPU trainer preset),
+    an adapter and manifest in out_dir that attach."""
+    from selfalign.config import PROJECT_ROOT
+    from selfalign.runtime.loader import apply_adapter, load_base
+    from selfalign.train.sft import train_sft
+
+    data = write_sft(tmp_path / "sft.jsonl", 12)
+    out = tmp_path / "adapters" / "neutral-concise" / "0.0.9"
+    persona = PROJECT_ROOT / "personas" / "neutral_concise.yaml"
+    manifest = train_sft("tiny-llama", str(data), str(persona), str(out), seed=3, use_qlora=False)
+    assert manifest["adapter_id"] == "neutral-concise" and manifest["version"] == "0.0.9" and manifest["seed"] == 3
+    assert manifest["training"]["lr"] == 1.5e-4 and manifest["lora"]["qlora"] is False  # tiny_llama.yaml lora_lr
+    assert manifest["weights_sha256"] == sha256_file(out / "adapter_model.safetensors")
+    handle = load_base("tiny_llama")
+    assert apply_adapter(handle, out, root=tmp_path / "adapters") == "neutral-concise"
+
+
 def test_the_precisions_are_lightnings():
     import typing
 

@@ -11,11 +11,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from selfalign.config import LoraConfig, TrainerConfig
+from selfalign.config import LoraConfig
 from selfalign.runtime.loader import load_base, resolve_base_model
 from selfalign.tracking import Tracker
 from selfalign.train.module import warmup_cosine
 from selfalign.train.sft import train_adapter
+from tests.conftest import preset
 from tests.train.helpers import sft_rows
 
 
@@ -49,8 +50,8 @@ def fit_tiny(run_dir, cache_dir, *, rows: int = 8, lora: LoraConfig | None = Non
     return train_adapter(
         sft_rows(rows),
         base_cfg=resolve_base_model("tiny_llama"),
-        lora=lora or LoraConfig(micro_batch_size=2),
-        trainer_cfg=TrainerConfig(accelerator="cpu", extra={"enable_progress_bar": False}, **trainer),
+        lora=lora or preset("lora", micro_batch_size=2),
+        trainer_cfg=preset("trainer", "cpu", extra={"enable_progress_bar": False}, **trainer),
         seed=0,
         run_dir=run_dir,
         checkpoint_dir=run_dir / "ckpt",
@@ -98,7 +99,7 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
             tmp_path / str(on),
             tmp_path / "cache",
             max_steps=2,
-            lora=LoraConfig(micro_batch_size=2, gradient_checkpointing=on),
+            lora=preset("lora", micro_batch_size=2, gradient_checkpointing=on),
         )
         for on in (False, True)
     )

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from selfalign.config import LoraConfig, TrainerConfig
 from selfalign.runtime.loader import resolve_base_model
 from selfalign.train.preference import PairDataModule, PreferenceModule, fill_reference, pad_pairs
 from selfalign.train.sft import build_peft_model
+from tests.conftest import preset
 
 
 def pairs(n: int = 8) -> list[dict]:
@@ -31,7 +31,7 @@ def pairs(n: int = 8) -> list[dict]:
 @pytest.fixture(scope="module")
 def model_and_data():
     torch.manual_seed(0)
-    model, handle = build_peft_model(resolve_base_model("tiny_llama"), LoraConfig(), TrainerConfig(accelerator="cpu"))
+    model, handle = build_peft_model(resolve_base_model("tiny_llama"), preset("lora"), preset("trainer", "cpu"))
     data = PairDataModule(pairs(), handle.tokenizer, max_seq_len=256, micro_batch_size=2, val_fraction=0.25, seed=1)
     return model, handle, data
 

@@ -288,12 +288,16 @@ def generate_chunk(persona: dict, persona_id: str, teacher, tasks: list[Task], s
 
 
 def generate_synthetic_data(persona_cfg: dict, n: int, seed: int, teacher=None, chunk_size: int = 32) -> list[dict]:
-    """Return n raw (instruction, input, output, metadata) rows before filtering (the seed's contract)."""
+    """Return n raw (instruction, input, output, metadata) rows before filtering (the seed's contract: the filters are
+    `filter_records`'s). Without a teacher, the one `stage=synth` uses by default: the default base model and the
+    local teacher preset, from the YAML presets."""
     if teacher is None:
+        from selfalign.config import compose_typed
         from selfalign.dataops.teacher import LocalTeacher
         from selfalign.runtime.loader import load_base
 
-        teacher = LocalTeacher(load_base("smollm2_135m"), batch_size=chunk_size)
+        cfg = compose_typed()
+        teacher = LocalTeacher(load_base(cfg.base_model), batch_size=cfg.teacher.batch_size)
     rows: list[dict] = []
     chunk = 0
     while len(rows) < n:

@@ -68,19 +68,25 @@ def base_model_presets() -> dict[str, Path]:
     return {p.stem: p for p in sorted((CONF_DIR / "base_model").glob("*.yaml"))}
 
 
+def preset_stem(model_id: str) -> str:
+    """The preset's file stem for a stem (`smollm2_135m`) or a model name (`smollm2-135m-instruct`)."""
+    presets = base_model_presets()
+    for stem, path in presets.items():
+        try:
+            name = read_yaml(path).get("name")
+        except ValueError as exc:
+            raise SelfAlignError(str(exc)) from None
+        if model_id in (stem, name):
+            return stem
+    raise SelfAlignError(f"unknown base model {model_id!r}; choose one of: {', '.join(presets)}")
+
+
 def resolve_base_model(model_id: str) -> BaseModelConfig:
     """A preset by file stem (`smollm2_135m`) or by its `name` (`smollm2-135m-instruct`), validated."""
     from omegaconf import OmegaConf
 
-    presets = base_model_presets()
-    try:  # capped and alias-free before parsing, as every YAML file a user can write
-        loaded = {stem: OmegaConf.create(read_yaml(path)) for stem, path in presets.items()}
-    except ValueError as exc:
-        raise SelfAlignError(str(exc)) from None
-    for stem, node in loaded.items():
-        if model_id in (stem, node.get("name")):
-            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseModelConfig), node))
-    raise SelfAlignError(f"unknown base model {model_id!r}; choose one of: {', '.join(presets)}")
+    node = OmegaConf.create(read_yaml(base_model_presets()[preset_stem(model_id)]))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseModelConfig), node))
 
 
 def pick_device(requested: str) -> str:

@@ -177,29 +177,23 @@ def train_sft(
 ) -> dict:
     """The seed's contract: train a LoRA/QLoRA adapter from JSONL SFT data into `out_dir` (adapter + manifest).
 
-    Uses the recipe defaults (`conf/lora/default.yaml`, `conf/trainer/cpu.yaml` or `gpu.yaml`), no tracking,
-    and returns the manifest.
+    The recipe is the one `stage=train` composes from the YAML presets (`conf/lora/default.yaml` or `qlora.yaml`,
+    `conf/trainer/cpu.yaml` or `gpu.yaml`, the base model's own `lora_lr`); no tracking. Returns the manifest.
     """
     import tempfile
 
+    from selfalign.config import compose_typed
     from selfalign.persona.schema import load_persona
     from selfalign.runtime.adapters import save_adapter
-    from selfalign.runtime.loader import resolve_base_model
+    from selfalign.runtime.loader import preset_stem
     from selfalign.tracking import Tracker
     from selfalign.train.data import load_sft_rows
 
     persona, persona_hash = load_persona(persona_yaml)
-    base_cfg = resolve_base_model(base_model_id)
-    lora = LoraConfig(qlora=use_qlora)
-    gpu = torch.cuda.is_available()
-    trainer_cfg = TrainerConfig(
-        accelerator="gpu" if gpu else "cpu",
-        devices=1,
-        precision="bf16-mixed" if gpu else "32-true",
-        accumulate_grad_batches=8 if gpu else 4,
-        deterministic=not gpu,
-        reuse_host_memory=not gpu,
-    )
+    trainer = "gpu" if torch.cuda.is_available() else "cpu"
+    recipe = "qlora" if use_qlora else "default"
+    cfg = compose_typed([f"base_model={preset_stem(base_model_id)}", f"trainer={trainer}", f"lora={recipe}"])
+    base_cfg, lora, trainer_cfg = cfg.base_model, cfg.lora, cfg.trainer
     rows = load_sft_rows(data_path, persona["id"])
     with tempfile.TemporaryDirectory(prefix="selfalign-train-") as work:
         result = train_adapter(
