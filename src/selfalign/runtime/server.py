@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -295,8 +296,11 @@ def create_app(
         data += [model_card(n, kind="adapter", parent=handle.name) for n in list(handle.adapters)]
         return {"object": "list", "data": data}
 
+    tokenizing = threading.Lock()  # one call at a time: a fast tokenizer may reset its state inside a call
+
     def tokenize(messages: list[dict]) -> list[int]:
-        return handle.tokenizer(render_prompt(handle.tokenizer, messages), add_special_tokens=False)["input_ids"]
+        with tokenizing:
+            return handle.tokenizer(render_prompt(handle.tokenizer, messages), add_special_tokens=False)["input_ids"]
 
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat(req: ChatRequest, request: Request):
