@@ -239,6 +239,10 @@ def test_modified_golden_set_is_refused_even_relocked(cli, tmp_path):
         ('{"id": "x1", "prompt": 123, "tags": ["qa"]}', ":2: prompt must be a non-empty string (got 123)"),
         ('{"id": {}, "prompt": "hi", "tags": ["qa"]}', ":2: id must be a non-empty string (got {})"),
         ('{"id": "x1", "prompt": "hi", "tags": ["qa", 7]}', ":2: tags must be strings"),
+        (
+            '{"id": "x1", "prompt": "hi", "tags": 5}',
+            ":2: first tag must be one of style, qa, refusal, safety, neutrality",
+        ),
     ],
 )
 def test_a_custom_set_row_of_the_wrong_type_is_one_line(cli, tmp_path, row, message):

@@ -102,12 +102,12 @@ def _read_rows(path: Path, categories: tuple[str, ...] = CATEGORIES) -> list[dic
             raise SelfAlignError(f"{path}:{lineno}: id must be a non-empty string (got {row['id']!r})")
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise SelfAlignError(f"{path}:{lineno}: prompt must be a non-empty string (got {row['prompt']!r})")
-        if not all(isinstance(t, str) for t in row["tags"] if isinstance(row["tags"], list)):
-            raise SelfAlignError(f"{path}:{lineno}: tags must be strings")
         if row["id"] in seen:
             raise SelfAlignError(f"{path}:{lineno}: duplicate id {row['id']!r}")
         if not isinstance(row["tags"], list) or not row["tags"] or row["tags"][0] not in categories:
             raise SelfAlignError(f"{path}:{lineno}: first tag must be one of {', '.join(categories)}")
+        if not all(isinstance(t, str) for t in row["tags"]):
+            raise SelfAlignError(f"{path}:{lineno}: tags must be strings")
         seen.add(row["id"])
         rows.append(row)
     return rows
