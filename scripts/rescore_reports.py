@@ -26,12 +26,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from selfalign.eval.harness import score_outputs, score_policy  # noqa: E402
 from selfalign.eval.metrics import refusal_detect, toxicity_scores  # noqa: E402
+from selfalign.utils.io import read_jsonl  # noqa: E402
 
 ROUND = 4
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _golden_numbers(metrics: dict) -> dict:
@@ -63,14 +60,14 @@ def rescore_run(run_dir: Path) -> dict:
     tox_max = report["settings"]["tox_p95_max"]
 
     def golden(name: str) -> dict:
-        rows = _read_jsonl(run_dir / "samples" / f"{name}.jsonl")
+        rows = read_jsonl(run_dir / "samples" / f"{name}.jsonl")
         return _golden_numbers(score_outputs(rows, [r["output"] for r in rows], None)[0])
 
     def policy(name: str) -> dict | None:
         path = run_dir / "samples" / "policy" / f"{name}.jsonl"
         if not path.exists():
             return None
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
         return _policy_numbers(score_policy(rows, [r["output"] for r in rows])[0])
 
     out = {

@@ -74,6 +74,7 @@ from selfalign.eval.toxicity import (  # noqa: E402
     trained_tensors,
 )
 from selfalign.utils.hashing import sha256_file  # noqa: E402
+from selfalign.utils.io import read_jsonl  # noqa: E402
 
 JUDGE_DATA = ROOT / "judge_data" / "toxicity"
 DAVIDSON = JUDGE_DATA / "davidson_labeled_data.csv"
@@ -106,22 +107,18 @@ def load_sources(grammar: bool = False) -> dict[str, list[dict]]:
                 davidson.append({"text": text, "label": int(row["class"] == "0")})
     return {
         "davidson": davidson,
-        "toxigen": [{"text": r["text"], "label": r["label"]} for r in _jsonl(TOXIGEN)],
+        "toxigen": [{"text": r["text"], "label": r["label"]} for r in read_jsonl(TOXIGEN)],
         "project": [{"text": r["text"], "label": r["label"]} for r in load_labelled(TOXICITY_DATA)],
         "contrast": [{"text": r["text"], "label": r["label"]} for r in load_labelled(CONTRAST)],
-    } | ({"grammar": [{"text": r["text"], "label": r["label"]} for r in _jsonl(GRAMMAR)]} if grammar else {})
+    } | ({"grammar": [{"text": r["text"], "label": r["label"]} for r in read_jsonl(GRAMMAR)]} if grammar else {})
 
 
 def splits(sources: dict[str, list[dict]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {name: stratified_split([r["label"] for r in rows], **TOXICITY_SPLIT) for name, rows in sources.items()}
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def load_suite() -> list[dict]:
-    return _jsonl(SUITE)
+    return read_jsonl(SUITE)
 
 
 def sample_weights(source: np.ndarray, y: np.ndarray) -> np.ndarray:

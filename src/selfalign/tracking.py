@@ -60,9 +60,9 @@ class Tracker:
         import pandas as pd
 
         from selfalign.utils.hashing import sha256_file
-        from selfalign.utils.io import iter_jsonl
+        from selfalign.utils.io import read_jsonl
 
-        frame = pd.DataFrame([row for _, row in iter_jsonl(path)])
+        frame = pd.DataFrame(read_jsonl(path))
         data = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=sha256_file(path)[:16])
         mlflow.log_input(data, context=context)
 

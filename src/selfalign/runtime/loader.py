@@ -68,24 +68,30 @@ def base_model_presets() -> dict[str, Path]:
     return {p.stem: p for p in sorted((CONF_DIR / "base_model").glob("*.yaml"))}
 
 
-def preset_stem(model_id: str) -> str:
-    """The preset's file stem for a stem (`smollm2_135m`) or a model name (`smollm2-135m-instruct`)."""
+def _preset(model_id: str) -> tuple[str, dict]:
+    """The file stem and contents of the base-model preset named by stem (`smollm2_135m`) or by model name
+    (`smollm2-135m-instruct`); each file is read once, capped and alias-free (`read_yaml`)."""
     presets = base_model_presets()
     for stem, path in presets.items():
         try:
-            name = read_yaml(path).get("name")
+            node = read_yaml(path)
         except ValueError as exc:
             raise SelfAlignError(str(exc)) from None
-        if model_id in (stem, name):
-            return stem
+        if model_id in (stem, node.get("name")):
+            return stem, node
     raise SelfAlignError(f"unknown base model {model_id!r}; choose one of: {', '.join(presets)}")
+
+
+def preset_stem(model_id: str) -> str:
+    """The preset's file stem for a stem or a model name: what `base_model=` takes."""
+    return _preset(model_id)[0]
 
 
 def resolve_base_model(model_id: str) -> BaseModelConfig:
     """A preset by file stem (`smollm2_135m`) or by its `name` (`smollm2-135m-instruct`), validated."""
     from omegaconf import OmegaConf
 
-    node = OmegaConf.create(read_yaml(base_model_presets()[preset_stem(model_id)]))
+    node = OmegaConf.create(_preset(model_id)[1])
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseModelConfig), node))
 
 

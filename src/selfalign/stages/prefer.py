@@ -21,6 +21,7 @@ from selfalign.tracking import tracked_run
 from selfalign.train.run import (
     adapter_version,
     check_accelerator,
+    checkpoint_dir,
     discarded_unless_resumable,
     finished_run,
     partial_dir,
@@ -258,7 +259,7 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
             trainer_cfg=trainer_cfg,
             seed=cfg.seed,
             run_dir=cfg.paths.run_dir,
-            checkpoint_dir=partial_dir(out) / "checkpoints",
+            checkpoint_dir=checkpoint_dir(partial_dir(out)),
             tracker=tracker,
             cache_dir=cfg.paths.cache_dir,
             resume=resuming,

@@ -14,6 +14,7 @@ from selfalign.tracking import tracked_run
 from selfalign.train.run import (
     adapter_version,
     check_accelerator,
+    checkpoint_dir,
     discarded_unless_resumable,
     finished_run,
     partial_dir,
@@ -101,7 +102,7 @@ def run(cfg: SelfAlignConfig, callbacks: tuple = ()) -> dict:
             trainer_cfg=cfg.trainer,
             seed=cfg.seed,
             run_dir=cfg.paths.run_dir,
-            checkpoint_dir=work / "checkpoints",
+            checkpoint_dir=checkpoint_dir(work),
             tracker=tracker,
             cache_dir=cfg.paths.cache_dir,
             resume=resuming,

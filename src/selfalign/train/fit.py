@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from selfalign.config import TrainerConfig
 from selfalign.errors import SelfAlignError
+from selfalign.train.run import LAST_CKPT
 from selfalign.utils.logging import EventLog
 
 
@@ -36,7 +37,6 @@ def _no_tips(record: logging.LogRecord) -> bool:
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
 
 METRICS_FILE = "train_metrics.jsonl"
-LAST_CKPT = "last.ckpt"
 
 
 class RunLogger(Logger):

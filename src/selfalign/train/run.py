@@ -17,6 +17,7 @@ from selfalign.utils.hashing import sha256_file
 from selfalign.utils.io import read_json, write_json
 
 RUN_STATE = "run.json"
+LAST_CKPT = "last.ckpt"  # the resume checkpoint `train/fit.py` writes in a work dir's `checkpoints/`
 
 
 def adapter_version(version: str, suffix_sweep_jobs: bool) -> str:
@@ -27,6 +28,11 @@ def adapter_version(version: str, suffix_sweep_jobs: bool) -> str:
 
 def partial_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
+
+
+def checkpoint_dir(work: Path) -> Path:
+    """Where an unfinished run in `work` keeps its resume checkpoint (`LAST_CKPT`)."""
+    return work / "checkpoints"
 
 
 def finished_run(out: Path, run_hash: str) -> dict | None:
@@ -60,7 +66,7 @@ def prepare_work_dir(out: Path, run_hash: str, *, resume: bool, overwrite: bool,
     state_file = work / RUN_STATE
     if work.exists():
         state = read_json(state_file) if state_file.exists() else {}
-        last = work / "checkpoints" / "last.ckpt"
+        last = checkpoint_dir(work) / LAST_CKPT
         if resume and state.get("run_hash") == run_hash and last.exists():
             return True
         if resume and state.get("run_hash") != run_hash:
@@ -97,7 +103,7 @@ def discarded_unless_resumable(work: Path):
     try:
         yield
     except BaseException:
-        if not (work / "checkpoints" / "last.ckpt").exists():
+        if not (checkpoint_dir(work) / LAST_CKPT).exists():
             shutil.rmtree(work, ignore_errors=True)
         raise
 
