@@ -368,6 +368,9 @@ class ServeConfig:
     max_adapters: int = 8  # resident adapters (about 19 MB each for the 135M model's rank 16); one more gets a 400
     max_body_bytes: int = 1 << 20  # a larger request body is a 413 before it is read whole, parsed or authenticated
     batch_wait_ms: float = 5.0  # an idle server waits this long for batch-mates before its first step
+    # Prompt tokens prefilled per decode step: a longer prompt is prefilled a chunk per step, so running streams
+    # keep producing tokens (0.39 s per 256 tokens on 2 CPU cores for the 135M model; DECISIONS.md "Chunked prefill")
+    prefill_chunk: int = 256
     timeout_s: float = 30.0  # stage=swap's HTTP timeout
 
     def __post_init__(self) -> None:
@@ -383,6 +386,8 @@ class ServeConfig:
                 raise ValueError(f"serve.{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"serve.batch_wait_ms must be in 0..1000 (got {self.batch_wait_ms})")
+        if self.prefill_chunk < 16:
+            raise ValueError(f"serve.prefill_chunk must be >= 16 tokens (got {self.prefill_chunk})")
 
 
 @dataclass

@@ -3,6 +3,7 @@ backpressure, cancellation and adapter safety."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -282,3 +283,74 @@ def test_complete_all_equals_one_at_a_time_on_each_adapter(handle):
 def test_complete_all_names_an_adapter_that_is_not_resident(handle):
     with pytest.raises(SelfAlignError, match="not attached"):
         complete_all(handle, PROMPTS[:1], max_new_tokens=4, adapter="gamma")
+
+
+class Recording(Batcher):
+    """The real scheduler, with a log of its forward passes: (what ran, rows, tokens per row, monotonic time)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.passes = []
+
+    def _forward(self, input_ids, mask, positions, rows, cache):
+        logits = super()._forward(input_ids, mask, positions, rows, cache)
+        kind = "decode" if input_ids.shape[1] == 1 and rows is self.running else "prefill"
+        self.passes.append((kind, [id(r) for r in rows], input_ids.shape[1], time.monotonic()))
+        return logits
+
+
+def long_prompt(handle, tokens: int) -> str:
+    """A user message that renders to about `tokens` prompt tokens."""
+    words = ["the", "river", "carries", "silt", "past", "the", "old", "mill", "and", "on", "toward", "the", "sea"]
+    text = " ".join(words[i % len(words)] for i in range(tokens))
+    while len(handle.tokenizer(render_prompt(handle.tokenizer, text), add_special_tokens=False)["input_ids"]) > tokens:
+        text = text.rsplit(" ", 1)[0]
+    return text
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_goes_on(handle):
+    """A 230-token prompt arrives while a row is decoding, with `prefill_chunk=32`: no forward pass runs more than
+    32 new prompt tokens, the long prompt takes 8 chunks, the running row gets a token between every two of them,
+    and both answers equal one-at-a-time generation token for token."""
+    prompt = long_prompt(handle, 230)
+    refs = {
+        "stream": generate(handle, [PROMPTS[1]], max_new_tokens=20, adapter="alpha"),
+        "long": generate(handle, [prompt], max_new_tokens=6, adapter="beta"),
+    }
+    batcher = Recording(handle, max_batch=4, wait_ms=0, prefill_chunk=32).start()
+    try:
+        got = Collector()
+        stream = job(handle, PROMPTS[1], "alpha", got, "stream", max_new=20, stream=True)
+        batcher.submit(stream)
+        deadline = time.time() + 30
+        while not [e for e in got.events["stream"] if e.kind == "delta"]:  # it is streaming
+            assert time.time() < deadline
+            time.sleep(0.005)
+        long = job(handle, prompt, "beta", got, "long", max_new=6)
+        batcher.submit(long)
+        got.wait()
+    finally:
+        batcher.close()
+    for key, ref in refs.items():
+        assert (got.final(key).text, got.final(key).completion_tokens) == (ref.texts[0], ref.completion_tokens[0])
+    assert all(len(rows) * width <= 32 for kind, rows, width, _ in batcher.passes if kind == "prefill")
+    chunks = [i for i, (kind, rows, _, _) in enumerate(batcher.passes) if kind == "prefill" and rows == [id(long)]]
+    assert len(chunks) == -(-len(long.ids) // 32) == 8
+    for a, b in itertools.pairwise(chunks):  # the stream decoded a token between every two chunks
+        between = batcher.passes[a + 1 : b]
+        assert [(kind, id(stream) in rows) for kind, rows, _, _ in between] == [("decode", True)]
+
+
+def test_whole_prompts_are_prefilled_together_up_to_the_chunk(handle):
+    """Eight short prompts at once with `prefill_chunk=64`: each prefill pass holds whole prompts, at most 64 tokens
+    (rows x padded width); the rest wait a step; the answers equal one-at-a-time generation."""
+    batcher = Recording(handle, max_batch=8, wait_ms=50, prefill_chunk=64)
+    got = Collector()
+    jobs = [job(handle, PROMPTS[i % 4], None, got, i, max_new=4) for i in range(8)]
+    batcher.drain(jobs)
+    prefills = [(rows, width) for kind, rows, width, _ in batcher.passes if kind == "prefill"]
+    assert len(prefills) > 1 and all(len(rows) * width <= 64 for rows, width in prefills)
+    assert sorted(r for rows, _ in prefills for r in rows) == sorted(id(j) for j in jobs)  # each prompt once, whole
+    for i in range(8):
+        ref = generate(handle, [PROMPTS[i % 4]], max_new_tokens=4, adapter="base")
+        assert got.final(i).text == ref.texts[0], i

@@ -1,10 +1,15 @@
 """Continuous batching for the server: waiting chat requests, for the base and any resident adapters, decode together.
 
 One worker thread owns generation. Each iteration it
-1. admits waiting requests into free batch slots (up to `max_batch` rows; when the batch is empty it first waits
-   `wait_ms` for batch-mates) and prefills them together, left-padded;
+1. takes waiting requests into free batch slots (up to `max_batch` rows; when the batch is empty it first waits
+   `wait_ms` for batch-mates);
 2. runs one decode step for every running row in a single forward pass, each row on its own adapter;
-3. picks each row's next token with that row's own settings (greedy, or temperature/top-p with a generator seeded
+3. prefills newcomers, at most `prefill_chunk` prompt tokens per step: whole prompts together, left-padded, up to
+   that many tokens (rows x padded width), and one longer prompt a chunk of that size per step, on its own cache,
+   until its last chunk gives its first token. So a long prompt never stalls the running streams for more than a
+   chunk's prefill per token (DECISIONS.md "Chunked prefill"); `None` (offline jobs: eval, the teacher) prefills
+   every newcomer at once;
+4. picks each row's next token with that row's own settings (greedy, or temperature/top-p with a generator seeded
    from the request), streams the new text, and retires rows that hit end-of-sequence, `max_tokens`, a stop
    string, or whose client went away; their slots are free at the next iteration. A row that cannot go on
    (its seed or sampling fails, its logits are not finite) is retired with its own error; its batch-mates go on.
@@ -205,13 +210,22 @@ class RowLoRA:
 class Batcher:
     """The scheduler and decode loop behind `stage=serve`; `start()` launches its worker thread."""
 
-    def __init__(self, handle: BaseModelHandle, *, max_batch: int = 16, max_queue: int = 64, wait_ms: float = 5.0):
+    def __init__(
+        self,
+        handle: BaseModelHandle,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        wait_ms: float = 5.0,
+        prefill_chunk: int | None = None,
+    ):
         self.handle = handle
         self.max_batch, self.max_queue, self.wait_s = max_batch, max_queue, wait_ms / 1000.0
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per step; None: every newcomer at once
         self.cv = threading.Condition()
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []  # rows in the decode state, in its row order
-        self.pending: list[Job] = []  # taken from the queue, being prefilled
+        self.pending: list[Job] = []  # taken from the queue, not yet prefilled to their first token
         self.draining: set[str] = set()
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="selfalign-batcher", daemon=True)
@@ -221,6 +235,8 @@ class Batcher:
         self._pos = None  # (rows,) the next position id of each row
         self._last = None  # (rows,) the last token of each row
         self._prefix: tuple[int, list] | None = None  # (length, per-layer keys and values) every newcomer starts with
+        self._filling: list[Job] = []  # admitted, waiting for (the rest of) their prefill, in arrival order
+        self._long: tuple[Job, Any, int] | None = None  # the prompt prefilled a chunk per step: job, cache, tokens run
         tok = handle.tokenizer
         eos = getattr(handle.model.generation_config, "eos_token_id", None)
         self.lora = RowLoRA()
@@ -301,9 +317,11 @@ class Batcher:
                 self._forward(ids, torch.ones_like(ids), positions, [jobs[0]], cache)
                 self._prefix = (common, [(layer.keys, layer.values) for layer in cache.layers])
         try:
-            while queue or self.running:
-                self.pending = [queue.popleft() for _ in range(min(len(queue), self.max_batch - len(self.running)))]
-                self._iterate(list(self.pending))
+            while queue or self.running or self.pending:
+                free = self.max_batch - len(self.running) - len(self.pending)
+                new = [queue.popleft() for _ in range(min(len(queue), free))]
+                self.pending.extend(new)
+                self._iterate(new)
         finally:
             self._prefix = None
             self.lora.release()
@@ -312,19 +330,21 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self.waiting and not self.running and not self.closed:
+                while not self.waiting and not self.running and not self.pending and not self.closed:
                     self.cv.wait()
                 if self.closed:
-                    for req in [*self.waiting, *self.running]:
+                    for req in [*self.waiting, *self.pending, *self.running]:
                         req.emit(Event("error", status=503, code="shutting_down", text="the server is shutting down"))
                     self.waiting.clear()
+                    self.pending.clear()
                     self.running.clear()
                     return
-                if not self.running and len(self.waiting) < self.max_batch:
+                if not self.running and not self.pending and len(self.waiting) < self.max_batch:
                     self.cv.wait(timeout=self.wait_s)  # an idle batch: let batch-mates arrive
+                new = []
                 while self.waiting and len(self.running) + len(self.pending) < self.max_batch:
-                    self.pending.append(self.waiting.popleft())
-                new = list(self.pending)
+                    new.append(self.waiting.popleft())
+                    self.pending.append(new[-1])
             try:
                 self._iterate(new)
             except Exception as exc:  # a failed forward pass fails its rows, never the server
@@ -335,7 +355,8 @@ class Batcher:
                 message = f"generation failed: {type(exc).__name__}: {exc}"
                 for req in rows:
                     req.emit(Event("error", status=500, code="generation_failed", text=message))
-                self._cache = self._mask = self._pos = self._last = None
+                self._cache = self._mask = self._pos = self._last = self._long = None
+                self._filling = []
 
     def _iterate(self, new: list[Job]) -> None:
         import torch
@@ -343,17 +364,16 @@ class Batcher:
         handle = self.handle
         with handle.lock, torch.inference_mode():
             self.lora.sync(handle)
-            admitted = [r for r in new if self._admissible(r)]
+            self._filling.extend(r for r in new if self._admissible(r))
             if self.running:
                 self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1)
                 logits = self._forward(self._last[:, None], self._mask, self._pos[:, None], self.running, self._cache)
                 self._pos = self._pos + 1
                 self._last = self._pick(logits, self.running)
-            if admitted:
-                self._admit(admitted)
+            ready = self._prefill()
         with self.cv:
-            self.running.extend(admitted)  # their rows follow the running ones in the decode state
-            self.pending = []
+            self.running.extend(ready)  # their rows follow the running ones in the decode state
+            self.pending = list(self._filling)
             self._retire()
             self.cv.notify_all()
 
@@ -385,12 +405,51 @@ class Batcher:
             out = model(**inputs)
         return out.logits[:, -1, :].float()
 
-    def _admit(self, new: list[Job]) -> None:
-        """Prefill the newcomers together (left-padded, as `generate` does) and merge them into the running batch."""
-        import torch
+    def _prefill(self) -> list[Job]:
+        """This step's prefill (see the module docstring); the jobs that now have their first token, merged into the
+        decode state in the returned order. Jobs cancelled while waiting for their prefill are dropped here."""
+        for r in [r for r in self._filling if r.cancel.is_set()]:
+            self._filling.remove(r)
+            r.emit(_GONE)
+            if self._long is not None and self._long[0] is r:
+                self._long = None
+        budget, skip = self.prefill_chunk, (self._prefix[0] if self._prefix else 0)
+        long_job = self._long[0] if self._long else None
+        group: list[Job] = []
+        width = 0
+        for r in self._filling:
+            need = len(r.ids) - skip
+            if r is long_job or (budget is not None and need > budget):
+                continue
+            if budget is not None and group and (len(group) + 1) * max(width, need) > budget:
+                break
+            group.append(r)
+            width = max(width, need)
+        if group:
+            self._prefill_group(group)
+        if budget is not None and self._long is None:
+            long_job = next((r for r in self._filling if len(r.ids) - skip > budget), None)
+            if long_job is not None:
+                self._long = (long_job, self._prefix_cache(1), skip)
+        ready = group + ([long_job] if long_job is not None and self._prefill_chunk() else [])
+        for r in ready:
+            self._filling.remove(r)
+        return ready
+
+    def _prefix_cache(self, rows: int):
+        """A cache holding the shared prefix's keys and values (`drain`'s `share_prefix`) for `rows` rows."""
         from transformers import DynamicCache
 
-        skip, kv = self._prefix or (0, [])  # tokens every newcomer starts with, already run once
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self._prefix[1] if self._prefix else []):
+            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
+        return cache
+
+    def _prefill_group(self, new: list[Job]) -> None:
+        """Prefill whole prompts together (left-padded, as `generate` does) and merge them into the running batch."""
+        import torch
+
+        skip = self._prefix[0] if self._prefix else 0  # tokens every newcomer starts with, already run once
         width = max(len(r.ids) for r in new) - skip
         ids = torch.full((len(new), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(new), width), dtype=torch.long)
@@ -400,32 +459,57 @@ class Batcher:
         positions = skip + (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         mask = torch.cat([mask.new_ones(len(new), skip), mask], dim=1)  # [prefix | left-padded rest]
         device = self._device()
-        cache = DynamicCache()
-        for layer, (keys, values) in enumerate(kv):
-            cache.update(keys.expand(len(new), -1, -1, -1), values.expand(len(new), -1, -1, -1), layer)
+        cache = self._prefix_cache(len(new))
         logits = self._forward(ids.to(device), mask.to(device), positions.to(device), new, cache)
+        mask = mask.to(device)
+        self._join(cache, mask, mask.sum(-1), self._first_tokens(logits, new))
+
+    def _prefill_chunk(self) -> bool:
+        """Run the next chunk of the long prompt on its own cache; True once its last chunk gave its first token."""
+        import torch
+
+        job, cache, done = self._long
+        n = min(self.prefill_chunk, len(job.ids) - done)
+        device = self._device()
+        ids = torch.tensor([job.ids[done : done + n]], device=device)
+        positions = torch.arange(done, done + n, device=device)[None]
+        mask = torch.ones((1, done + n), dtype=torch.long, device=device)
+        logits = self._forward(ids, mask, positions, [job], cache)
+        if done + n < len(job.ids):
+            self._long = (job, cache, done + n)
+            return False
+        self._long = None
+        self._join(cache, mask, mask.sum(-1), self._first_tokens(logits, [job]))
+        return True
+
+    def _first_tokens(self, logits, new: list[Job]):
+        """Seed each sampling row's generator, then pick every newcomer's first token."""
+        import torch
+
         for r in new:
             if r.temperature > 0:
-                r.generator = torch.Generator(device=device)
+                r.generator = torch.Generator(device=logits.device)
                 try:  # the server checks seeds at the door; a row that still fails here fails alone
                     r.generator.manual_seed(r.seed if r.seed is not None else int.from_bytes(os.urandom(6)))
                 except (RuntimeError, ValueError, OverflowError, TypeError) as exc:
                     r.failed = _row_error(400, "invalid_request", f"seed {r.seed!r}: {exc}")
-        last = self._pick(logits, new)
-        mask, pos = mask.to(device), mask.sum(-1).to(device)
+        return self._pick(logits, new)
+
+    def _join(self, cache, mask, pos, last) -> None:
+        """Append prefilled rows (their cache, mask, next positions and first tokens) to the running decode state."""
+        import torch
+
         if self._mask is None:
             self._cache, self._mask, self._pos, self._last = cache, mask, pos, last
-        else:
-            old_width, new_width = self._mask.shape[1], mask.shape[1]
-            grow_old, grow_new = max(0, new_width - old_width), max(0, old_width - new_width)
-            for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-                old_layer.keys = torch.cat([_pad_left(old_layer.keys, grow_old), _pad_left(new_layer.keys, grow_new)])
-                old_layer.values = torch.cat(
-                    [_pad_left(old_layer.values, grow_old), _pad_left(new_layer.values, grow_new)]
-                )
-            self._mask = torch.cat([_pad_left(self._mask, grow_old, dim=1), _pad_left(mask, grow_new, dim=1)])
-            self._pos = torch.cat([self._pos, pos])
-            self._last = torch.cat([self._last, last])
+            return
+        old_width, new_width = self._mask.shape[1], mask.shape[1]
+        grow_old, grow_new = max(0, new_width - old_width), max(0, old_width - new_width)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            old_layer.keys = torch.cat([_pad_left(old_layer.keys, grow_old), _pad_left(new_layer.keys, grow_new)])
+            old_layer.values = torch.cat([_pad_left(old_layer.values, grow_old), _pad_left(new_layer.values, grow_new)])
+        self._mask = torch.cat([_pad_left(self._mask, grow_old, dim=1), _pad_left(mask, grow_new, dim=1)])
+        self._pos = torch.cat([self._pos, pos])
+        self._last = torch.cat([self._last, last])
 
     def _device(self):
         return next(self.handle.model.parameters()).device

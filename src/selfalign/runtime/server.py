@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfalign.config import sampling_problem
+from selfalign.config import ServeConfig, sampling_problem
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected
 from selfalign.runtime.chat import render_prompt
@@ -115,7 +115,13 @@ def _error(
 
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes is a JSON 413 before anything reads or parses it, and
-    before authentication: by its Content-Length when it declares one, else as soon as the bytes received pass it."""
+    before authentication: by its Content-Length when it declares one, else as soon as the bytes received pass it.
+
+    Before answering, the rest of the body is read and dropped, up to `DISCARD_LIMITS` times `limit`: a server that
+    answers and closes while the client is still sending makes the client's kernel see a reset, and the client loses
+    the 413 it was sent (seen in 1 of 3 runs of a 2 MiB upload). A larger body is cut off after that much."""
+
+    DISCARD_LIMITS = 8
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -126,7 +132,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await self._refuse(send)
+            return await self._refuse(receive, send)
         seen, started = 0, False
 
         async def counted():
@@ -147,9 +153,17 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except _TooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(receive, send)
 
-    async def _refuse(self, send):
+    async def _refuse(self, receive, send):
+        dropped = 0
+        while dropped <= self.DISCARD_LIMITS * self.limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away: nobody to answer
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
         body = json.dumps(
             {
                 "error": {
@@ -172,18 +186,18 @@ class _TooLarge(StarletteHTTPException):
 def create_app(
     handle: BaseModelHandle,
     adapters_root: str | Path,
+    settings: ServeConfig,
     *,
     api_key: str | None = None,
-    alias: str = "selfalign",
-    default_max_tokens: int = 256,
-    max_tokens_limit: int = 1024,
-    max_batch: int = 16,
-    max_queue: int = 64,
-    batch_wait_ms: float = 5.0,
-    max_adapters: int = 8,
-    max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
-    batcher = Batcher(handle, max_batch=max_batch, max_queue=max_queue, wait_ms=batch_wait_ms)
+    alias, max_tokens_limit = settings.model_alias, settings.max_tokens_limit
+    batcher = Batcher(
+        handle,
+        max_batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        wait_ms=settings.batch_wait_ms,
+        prefill_chunk=settings.prefill_chunk,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -195,7 +209,7 @@ def create_app(
 
     docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if api_key is not None else {}
     app = FastAPI(title="SelfAlign", version="1", lifespan=lifespan, **docs)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.state.batcher = batcher
     root = Path(adapters_root)
     admin = asyncio.Lock()  # one adapter-management call at a time
@@ -305,7 +319,7 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat(req: ChatRequest, request: Request):
         adapter, attach_id = route(req.model)
-        max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        max_new = req.max_completion_tokens or req.max_tokens or settings.max_new_tokens
         if max_new > max_tokens_limit:  # one request must not hold a batch slot for long
             raise ApiError(
                 400,
@@ -412,7 +426,7 @@ def create_app(
     def load(path: str, name: str | None, activate: bool) -> dict:
         t0 = time.perf_counter()
         loaded = apply_adapter(
-            handle, path, root=root, name=name, activate=activate, reserved=(alias,), max_adapters=max_adapters
+            handle, path, root=root, name=name, activate=activate, reserved=(alias,), max_adapters=settings.max_adapters
         )
         return {
             **adapter_info(loaded),

@@ -74,19 +74,7 @@ def run(cfg: SelfAlignConfig) -> dict:
     except BaseException:
         sock.close()
         raise
-    app = create_app(
-        handle,
-        cfg.paths.adapters_dir,
-        api_key=key,
-        alias=cfg.serve.model_alias,
-        default_max_tokens=cfg.serve.max_new_tokens,
-        max_tokens_limit=cfg.serve.max_tokens_limit,
-        max_batch=cfg.serve.max_batch,
-        max_queue=cfg.serve.max_queue,
-        batch_wait_ms=cfg.serve.batch_wait_ms,
-        max_adapters=cfg.serve.max_adapters,
-        max_body_bytes=cfg.serve.max_body_bytes,
-    )
+    app = create_app(handle, cfg.paths.adapters_dir, cfg.serve, api_key=key)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     events = EventLog(cfg.paths.run_dir)
     events.event("serve_start", url=url, base_model=handle.name, adapters=list(handle.adapters))
