@@ -20,7 +20,7 @@ Toxicity (`toxicity_score`, `toxicity_scores`, `toxicity_stats`)
     neither), ToxiGen's human-curated statements, data/toxicity_labelled.jsonl and contrast sentences we
     wrote (negated hate, counter-speech, reclaimed slurs, with hateful counterparts); a text scores the
     maximum over overlapping 120-word windows. Held-out ROC-AUC and the functional-suite accuracy per
-    function are in data/toxicity_head.json and DECISIONS.md. Blind spots: see the README's Metrics table;
+    function are in data/toxicity_head.json and DECISIONS.md. Blind spots: see the Metrics table in docs/reference.md;
     sarcasm and coded language are missed; non-English text is out of scope.
 
 Style (`style_score`, `style_scores`, `style_components`)

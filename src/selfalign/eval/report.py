@@ -2,7 +2,7 @@
 a sweep's milestone table read back. `to_json` gives the file's JSON; `from_json` and `read` take it back.
 
 The metric blocks (`metrics`, `base_metrics`, `gates`, the policy block) stay plain dicts: their keys are the
-metric names, documented in `selfalign.eval.metrics` and the README's Metrics table.
+metric names, documented in `selfalign.eval.metrics` and the Metrics table in docs/reference.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Persona YAML: validation, normalization, contradiction lints and the stable persona hash.
 
-Every rule has an id (`Issue.rule`); the README's "Persona linter rules" table documents each one.
+Every rule has an id (`Issue.rule`); docs/reference.md's "Persona linter rules" table documents each one.
 Errors fail the file; warnings are reported and do not.
 """
 
@@ -73,7 +73,7 @@ BREVITY_WORDS = re.compile(r"\b(?:brevity|brief|concise|short|terse)\b", re.I)
 DETAIL_WORDS = re.compile(r"\b(?:detail|detailed|thorough|exhaustive|elaborate|depth)\b", re.I)
 
 
-# Every rule the linter applies; errors fail a file, warnings do not. The README's table mirrors this.
+# Every rule the linter applies; errors fail a file, warnings do not. The table in docs/reference.md mirrors this.
 RULES: dict[str, str] = {
     "file.missing": "error: the file does not exist (or a glob matches nothing)",
     "file.unreadable": "error: the file cannot be read as UTF-8",
