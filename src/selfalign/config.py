@@ -561,6 +561,7 @@ class DemoConfig:
     # kind (should-refuse, near-miss, bait) -> prompt; {} leaves them out
     policy_prompts: dict[str, str] = field(default_factory=lambda: dict(DEMO_POLICY_PROMPTS))
     max_new_tokens: int = 96
+    overwrite: bool = False  # replace a reports/demo.json or milestone.json that the demo did not write
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.policy_prompts) - set(DEMO_POLICY_PROMPTS))

@@ -134,6 +134,27 @@ def test_demo_prints_both_adapters_side_by_side_and_the_milestone(both):
     assert all(d["attach_ms"] < 1000 for k, d in milestone["demo"].items() if k != "between_adapters")
 
 
+def test_demo_replaces_only_its_own_reports(both):
+    """An earlier demo's reports are replaced with a line; a file of another kind in their place is refused (one
+    line, exit 2, before the model loads) and left as it was, unless `demo.overwrite=true`."""
+    root, _ = both
+    milestone = root / "reports" / "milestone.json"
+    mine = milestone.read_bytes()
+    milestone.write_text('{"notes": "my own file"}\n')
+    proc = selfalign(root, "stage=demo", "base_model=tiny_llama", "demo.max_new_tokens=8")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {milestone} exists and is not a milestone.json the demo wrote; pass demo.overwrite=true to replace "
+        "it, or choose another paths.reports_dir"
+    ]
+    assert milestone.read_text() == '{"notes": "my own file"}\n'
+    milestone.write_bytes(mine)
+    proc = selfalign(root, "stage=demo", "base_model=tiny_llama", "demo.max_new_tokens=8")
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    assert "reports/demo.json holds an earlier demo; it is replaced" in proc.stdout
+    assert json.loads(milestone.read_text())["adapters"]
+
+
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"  # git-ignored; CI keeps what the tests leave here
 
 

@@ -15,15 +15,19 @@ from pathlib import Path
 from rich.table import Table
 
 from selfalign.config import SelfAlignConfig, project_relative
+from selfalign.errors import SelfAlignError
 from selfalign.eval.milestone import milestone_row, print_milestone
 from selfalign.eval.report import EvalReport
 from selfalign.persona.schema import load_persona, personas_by_id
 from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_file
-from selfalign.utils.io import write_json
+from selfalign.utils.io import is_json_with, write_json
 from selfalign.utils.logging import EventLog
 
 _TOKEN = re.compile(r"\w+")
+# What the demo writes to `paths.reports_dir`, and the keys that make an existing file an earlier one of its kind
+# (replaced with a line; anything else needs `demo.overwrite=true`).
+OUTPUTS = {"demo.json": ("prompts", "outputs", "differences"), "milestone.json": ("adapters", "demo")}
 
 
 def word_distance(a: str, b: str) -> float:
@@ -70,6 +74,7 @@ def run(cfg: SelfAlignConfig) -> dict:
     for given in cfg.demo.adapters:
         path = resolve_adapter_dir(given, cfg.paths.adapters_dir)
         planned.append((path, read_manifest(path)))
+    check_outputs(cfg)
     handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
     attach_ms = dict(attach_timed(handle, planned, cfg.paths.adapters_dir))
     models = ["base", *attach_ms]
@@ -124,6 +129,21 @@ def run(cfg: SelfAlignConfig) -> dict:
     fast = all(ms < cfg.pipeline.attach_max_ms for ms in attach_ms.values())
     EventLog(cfg.paths.run_dir).event("demo_done", differences=differ, visible=visible, fast=fast)
     return {"passed": visible and fast, "differences": differ, "milestone": rows}
+
+
+def check_outputs(cfg: SelfAlignConfig) -> None:
+    """Before the model loads: each report the demo writes is absent, an earlier one of its kind (replaced, with a
+    line), or `demo.overwrite=true` says to replace it; anything else is refused."""
+    for name, keys in OUTPUTS.items():
+        path = Path(cfg.paths.reports_dir) / name
+        if not path.exists() or cfg.demo.overwrite:
+            continue
+        if not is_json_with(path, keys):
+            raise SelfAlignError(
+                f"{path} exists and is not a {name} the demo wrote; pass demo.overwrite=true to replace it, "
+                "or choose another paths.reports_dir"
+            )
+        console.print(f"[yellow]demo:[/] {project_relative(path)} holds an earlier demo; it is replaced")
 
 
 def milestone_rows(cfg: SelfAlignConfig, planned: list, personas: dict) -> list[dict]:

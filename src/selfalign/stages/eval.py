@@ -8,7 +8,6 @@ beside the gates. Exit 0 when every adapter passes every gate, 1 otherwise.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,8 +24,12 @@ from selfalign.runtime.models import model_revision
 from selfalign.tracking import tracked_run
 from selfalign.utils.console import console
 from selfalign.utils.hashing import sha256_file, sha256_json
-from selfalign.utils.io import read_capped, read_json, write_json, write_jsonl
+from selfalign.utils.io import is_json_with, read_json, write_json, write_jsonl
 from selfalign.utils.logging import EventLog
+
+# What every eval report holds, of any version: the one kind of file eval replaces without `eval.overwrite=true`
+# (its run's copy stays in outputs/ and in MLflow).
+REPORT_KEYS = ("base_model", "adapters")
 
 
 def adapter_dirs(cfg: SelfAlignConfig) -> list[str]:
@@ -76,7 +79,7 @@ def run(cfg: SelfAlignConfig) -> dict:
             print_table(previous)
             EventLog(cfg.paths.run_dir).event("eval_skip", report=str(report_path))
             return {"passed": previous.passed, "skipped": True, "report": str(report_path), "eval": previous.to_json()}
-        if not _is_eval_report(report_path):
+        if not is_json_with(report_path, REPORT_KEYS):  # an eval report of any version
             raise SelfAlignError(
                 f"eval.report={report_path} exists and is not an eval report; "
                 "pass eval.overwrite=true to replace it, or choose another eval.report"
@@ -152,16 +155,6 @@ def _readable(path: Path) -> EvalReport | None:
         return EvalReport.read(path)
     except ValueError:
         return None
-
-
-def _is_eval_report(path: Path) -> bool:
-    """Whether `path` is an eval report of any version (a JSON object with a base model and adapters): the one kind
-    of file eval replaces without `eval.overwrite=true`. Its run's copy stays in outputs/ and in MLflow."""
-    try:
-        data = json.loads(read_capped(path, 64 << 20))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"base_model", "adapters"} <= set(data)
 
 
 def read_cached(path: Path) -> Outputs | None:

@@ -72,6 +72,16 @@ def read_json(path: str | os.PathLike) -> Any:
         raise SelfAlignError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
+def is_json_with(path: str | os.PathLike, keys: Iterable[str]) -> bool:
+    """Whether `path` is a JSON object holding every one of `keys`: how a stage recognises an earlier output of its
+    own kind, the one kind of existing file it replaces without being told to (read at most 64 MiB)."""
+    try:
+        data = json.loads(read_capped(path, 64 << 20))
+    except (OSError, ValueError, SelfAlignError):
+        return False
+    return isinstance(data, dict) and set(keys) <= set(data)
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
