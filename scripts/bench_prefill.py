@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_serve import ROOT, pct, start_server
+from bench_serve import ROOT, pct, start_server, two_adapters
 
 
 def log(msg: str) -> None:
@@ -101,18 +101,11 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512])
     args = parser.parse_args()
 
-    from selfalign.runtime.adapters import write_random_adapter
-    from selfalign.runtime.loader import load_base
-
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_prefill_") as tmp_name:
         tmp = Path(tmp_name)
         root = tmp / "adapters"
-        handle = load_base(args.model)
-        write_random_adapter(handle, root / "A", "A", seed=1)
-        write_random_adapter(handle, root / "B", "B", seed=2)
-        prompt = long_prompt(handle.tokenizer, args.prompt_tokens)
-        del handle
+        prompt = long_prompt(two_adapters(args.model, root), args.prompt_tokens)
         whole = args.prompt_tokens + 1024  # a chunk the prompt fits in: one prefill pass, the pre-chunking behaviour
         for chunk in [whole, *args.chunks]:
             name = "whole prompt (baseline)" if chunk == whole else f"prefill_chunk={chunk}"

@@ -82,6 +82,17 @@ def start_server(model: str, root: Path, tmp: Path, src: Path, *extra: str) -> t
     raise RuntimeError("server did not come up")
 
 
+def two_adapters(model: str, root: Path):
+    """Random LoRA adapters "A" and "B" for `model` under `root`, as the benchmarks serve them; the tokenizer."""
+    from selfalign.runtime.adapters import write_random_adapter
+    from selfalign.runtime.loader import load_base
+
+    handle = load_base(model)
+    write_random_adapter(handle, root / "A", "A", seed=1)
+    write_random_adapter(handle, root / "B", "B", seed=2)
+    return handle.tokenizer
+
+
 def pct(values: list[float], q: float) -> float:
     import numpy as np
 
@@ -146,16 +157,10 @@ def main() -> int:
     parser.add_argument("--baseline-src", type=Path, default=None, help="serve the baseline from this src/ instead")
     args = parser.parse_args()
 
-    from selfalign.runtime.adapters import write_random_adapter
-    from selfalign.runtime.loader import load_base
-
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp_name:
         tmp = Path(tmp_name)
         root = tmp / "adapters"
-        handle = load_base(args.model)
-        write_random_adapter(handle, root / "A", "A", seed=1)
-        write_random_adapter(handle, root / "B", "B", seed=2)
-        del handle
+        two_adapters(args.model, root)
         src = ROOT / "src"
         if args.baseline_src:
             baseline_name = f"one at a time ({args.baseline_src})"
