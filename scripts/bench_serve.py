@@ -5,10 +5,16 @@ with two random LoRA adapters resident, then for 1, 4, 8 and 16 concurrent clien
 `--requests` chat requests in a row (`max_tokens=--tokens`, greedy), half the clients on each adapter. It reports
 requests/s, completion tokens/s, and p50/p95 latency per level.
 
+It also measures, in this process, the base model's decode step (one token for N rows, over a cache of
+`--context` tokens, the median of 20) for one row and for each batch size a level fills, and the **ceiling** that
+allows: N x (one-row step) / (N-row step), the requests/s speedup batching could give if nothing but the forward
+pass took time (N = min(clients, serve.max_batch)). Each level's `fraction_of_ceiling` is its measured speedup
+over that ceiling.
+
 The baseline, in the same run, is one request at a time: this server with `serve.max_batch=1`, or, with
 `--baseline-src DIR`, the `src/` of another checkout (for example the commit before batching) served the same way.
 
-    python scripts/bench_serve.py [--model smollm2_135m] [--clients 1 4 8 16] [--requests 2] [--tokens 64]
+    python scripts/bench_serve.py [--model smollm2_135m] [--clients 1 8 16 32] [--requests 2] [--tokens 64]
         [--baseline-src /path/to/old/checkout/src]
 """
 
@@ -93,6 +99,39 @@ def two_adapters(model: str, root: Path):
     return handle.tokenizer
 
 
+def decode_steps(model: str, sizes: list[int], context: int, repeats: int = 20) -> dict[int, float]:
+    """Median seconds of one decode step (one new token per row, `logits_to_keep=1`, as the server runs it) of the
+    base model for each batch size in `sizes`, over a cache of `context` tokens per row."""
+    import torch
+    from transformers import DynamicCache
+
+    from selfalign.runtime.loader import load_base
+
+    model_ = load_base(model).model
+    steps = {}
+    with torch.inference_mode():
+        for n in sizes:
+            ids = torch.randint(100, 10000, (n, context))
+            cache, mask = DynamicCache(), torch.ones((n, context), dtype=torch.long)
+            model_(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            times = []
+            for i in range(repeats + 2):
+                mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+                start = time.perf_counter()
+                model_(
+                    input_ids=ids[:, :1],
+                    attention_mask=mask,
+                    position_ids=torch.full((n, 1), context + i),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                times.append(time.perf_counter() - start)
+            steps[n] = round(float(sorted(times[2:])[repeats // 2]), 4)  # the first two warm up
+            log(f"decode step, {n} rows: {steps[n]} s")
+    return steps
+
+
 def pct(values: list[float], q: float) -> float:
     import numpy as np
 
@@ -151,7 +190,9 @@ def bench(name: str, model: str, root: Path, tmp: Path, src: Path, args, *extra:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2_135m")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--max-batch", type=int, default=16, help="the batched server's serve.max_batch")
+    parser.add_argument("--context", type=int, default=96, help="cache length of the measured decode steps")
     parser.add_argument("--requests", type=int, default=2, help="requests per client, sent one after another")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--baseline-src", type=Path, default=None, help="serve the baseline from this src/ instead")
@@ -168,12 +209,16 @@ def main() -> int:
         else:
             baseline_name = "one at a time (serve.max_batch=1)"
             baseline = bench("baseline", args.model, root, tmp, src, args, "serve.max_batch=1")
-        batched = bench("batched", args.model, root, tmp, src, args)
+        batched = bench("batched", args.model, root, tmp, src, args, f"serve.max_batch={args.max_batch}")
+    rows = sorted({1, *(min(c, args.max_batch) for c in args.clients)})
+    steps = decode_steps(args.model, rows, args.context)
     speedup = {
         str(b["clients"]): round(b["requests_per_s"] / a["requests_per_s"], 2)
         for a, b in zip(baseline, batched, strict=True)
     }
-    at8 = speedup.get("8")
+    filled = {str(c): min(c, args.max_batch) for c in args.clients}  # rows one decode step runs at each level
+    ceiling = {c: round(n * steps[1] / steps[n], 2) for c, n in filled.items()}
+    fraction = {c: round(speedup[c] / ceiling[c], 3) for c in ceiling}
     p95_1 = (baseline[0]["p95_latency_s"], batched[0]["p95_latency_s"]) if args.clients[0] == 1 else None
     print(
         json.dumps(
@@ -182,9 +227,12 @@ def main() -> int:
                 "tokens_per_request": args.tokens,
                 "requests_per_client": args.requests,
                 "baseline": {"server": baseline_name, "levels": baseline},
-                "batched": {"server": "serve.max_batch=16 (default)", "levels": batched},
+                "batched": {"server": f"serve.max_batch={args.max_batch}", "levels": batched},
+                "decode_step_s": {str(n): t for n, t in steps.items()},
+                "decode_context_tokens": args.context,
                 "requests_per_s_speedup": speedup,
-                "goal_4x_at_8_clients": None if at8 is None else at8 >= 4.0,
+                "ceiling_speedup": ceiling,
+                "fraction_of_ceiling": fraction,
                 "p95_latency_1_client_s": None if p95_1 is None else {"baseline": p95_1[0], "batched": p95_1[1]},
             },
             indent=1,
