@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,14 @@ class Tracker:
         from selfalign.utils.io import read_jsonl
 
         frame = pd.DataFrame(read_jsonl(path))
-        data = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=sha256_file(path)[:16])
-        mlflow.log_input(data, context=context)
+        with warnings.catch_warnings():
+            # Two notices MLflow prints for every local JSONL: that two of its own local-file source classes both
+            # match a path (they are the same kind), and that integer columns cannot hold missing values in a model
+            # signature (this is a dataset record, not a signature). Neither asks anything of the user.
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column", UserWarning)
+            data = mlflow.data.from_pandas(frame, source=str(path), name=name, digest=sha256_file(path)[:16])
+            mlflow.log_input(data, context=context)
 
     def tags(self, values: dict[str, str]) -> None:
         if self.run_id:
