@@ -1,0 +1,157 @@
+"""Where a batched decode's time goes: the real scheduler (`Batcher.drain`), each part timed around its real call.
+
+Prints one JSON object on stdout. Two random adapters on `--model`; `--jobs` greedy jobs of `--tokens` new tokens,
+alternating between them, over `--max-batch` slots. Reported: wall time and steps; seconds in decode forward
+passes, prefill passes, sampling (`_pick`), retiring and detokenizing (`_retire`), and the rest of each step; then
+a `--max-batch`-row decode step (median of 10, over a 96-token cache) on the base alone and with the rows routed
+to the two adapters through `RowLoRA`, whose difference is what the LoRA hooks cost.
+
+    python scripts/profile_engine.py [--model smollm2_135m] [--jobs 32] [--tokens 64] [--max-batch 16]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_serve import PROMPTS, ROOT, two_adapters
+
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--jobs", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import DynamicCache
+
+    from selfalign.runtime.batching import Batcher, Job
+    from selfalign.runtime.chat import render_prompt
+    from selfalign.runtime.loader import apply_adapter, load_base
+
+    seconds: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+
+    class Timed(Batcher):
+        def _forward(self, input_ids, mask, positions, rows, cache):
+            start = time.perf_counter()
+            logits = super()._forward(input_ids, mask, positions, rows, cache)
+            part = "decode_forward" if input_ids.shape[1] == 1 and rows is self.running else "prefill_forward"
+            seconds[part] += time.perf_counter() - start
+            calls[part] += 1
+            return logits
+
+        def _pick(self, logits, rows):
+            start = time.perf_counter()
+            tokens = super()._pick(logits, rows)
+            seconds["sampling"] += time.perf_counter() - start
+            return tokens
+
+        def _retire(self):
+            start = time.perf_counter()
+            super()._retire()
+            seconds["retire_detokenize"] += time.perf_counter() - start
+
+        def _iterate(self, new):
+            start = time.perf_counter()
+            super()._iterate(new)
+            seconds["steps"] += time.perf_counter() - start
+            calls["steps"] += 1
+
+    with tempfile.TemporaryDirectory(prefix="profile_engine_") as tmp_name:
+        root = Path(tmp_name)
+        two_adapters(args.model, root)
+        handle = load_base(args.model)
+        for name in ("A", "B"):
+            apply_adapter(handle, name, root=root, activate=False)
+    tok = handle.tokenizer
+
+    produced: list[int] = []
+
+    def heard(event) -> None:
+        if event.kind == "done":
+            produced.append(event.completion_tokens)
+
+    def jobs(n: int) -> list[Job]:
+        out = []
+        for i in range(n):
+            ids = tok(render_prompt(tok, PROMPTS[i % len(PROMPTS)]), add_special_tokens=False)["input_ids"]
+            name = "AB"[i % 2]
+            out.append(Job(ids, name, handle.attach_ids[name], args.tokens, heard))
+        return out
+
+    batcher = Timed(handle, max_batch=args.max_batch)
+    batcher.drain(jobs(4))  # warm-up
+    seconds.clear()
+    calls.clear()
+    produced.clear()
+    start = time.perf_counter()
+    batcher.drain(jobs(args.jobs))
+    wall = time.perf_counter() - start
+    parts = {k: round(v, 3) for k, v in seconds.items() if k != "steps"}
+    parts["rest_of_step"] = round(seconds["steps"] - sum(seconds[k] for k in parts), 3)
+
+    rows = args.max_batch
+    step = {}
+    with torch.inference_mode():
+        ids = torch.randint(100, 10000, (rows, 96))
+        model = handle.model.get_base_model()
+        batcher.lora.sync(handle)
+        for label, routed in (("base_only", [None] * rows), ("two_adapters_rowlora", ["A", "B"] * (rows // 2))):
+            cache, mask = DynamicCache(), torch.ones((rows, 96), dtype=torch.long)
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            times = []
+            for i in range(12):
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+                position = torch.full((rows, 1), 96 + i)
+                begin = time.perf_counter()
+                with batcher.lora.rows(routed):
+                    model(
+                        input_ids=ids[:, :1],
+                        attention_mask=mask,
+                        position_ids=position,
+                        past_key_values=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                times.append(time.perf_counter() - begin)
+            step[label] = round(sorted(times[2:])[5], 4)
+        batcher.lora.release()
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "jobs": args.jobs,
+                "tokens_per_job": args.tokens,
+                "max_batch": args.max_batch,
+                "wall_s": round(wall, 2),
+                "steps": calls["steps"],
+                "tokens_per_s": round(sum(produced) / wall, 1),
+                "seconds": parts,
+                "passes": {k: calls[k] for k in ("decode_forward", "prefill_forward")},
+                f"decode_step_{rows}_rows_s": step,
+                "hooks_share_of_step": round(step["two_adapters_rowlora"] / step["base_only"] - 1, 3),
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
