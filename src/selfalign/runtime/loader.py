@@ -370,20 +370,14 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     adapter: str | None = None,
-    system: str | None = None,
-    streamer: Any = None,
-    cancel: threading.Event | None = None,
 ) -> Generation:
-    """Batched generation with left padding; greedy when temperature is 0, seeded sampling otherwise.
-
-    `cancel`, once set, ends the generation after the token step in progress (a client that went away).
-    """
+    """Batched generation with left padding; greedy when temperature is 0, seeded sampling otherwise."""
     import torch
 
     tok = handle.tokenizer
     if not prompts:
         return Generation([], [], [], 0.0, resolve_adapter_name(handle, adapter))
-    texts = [render_prompt(tok, p, system) for p in prompts]
+    texts = [render_prompt(tok, p) for p in prompts]
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     check_context(handle, max(lengths), max_new_tokens)
@@ -396,16 +390,6 @@ def generate(
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if streamer is not None:
-        kwargs["streamer"] = streamer
-    if cancel is not None:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList([Cancelled()])
     with handle.lock:
         name = resolve_adapter_name(handle, adapter)
         if handle.adapters:  # a PeftModel: name the adapter for every row
