@@ -260,8 +260,7 @@ class Batcher:
                 raise Rejected(503, "shutting_down", "the server is shutting down")
             if req.adapter in self.draining:
                 raise Rejected(409, "adapter_unloading", f"adapter {req.adapter!r} is being unloaded")
-            free = max(0, self.max_batch - len(self.running) - len(self.pending))  # slots the next step fills
-            if len(self.waiting) >= self.max_queue + free:
+            if len(self.waiting) >= self.max_queue + self._free_slots():  # the next step fills the free slots first
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (serve.max_queue={self.max_queue})")
             self.waiting.append(req)
             self.cv.notify_all()
@@ -318,13 +317,16 @@ class Batcher:
                 self._prefix = (common, [(layer.keys, layer.values) for layer in cache.layers])
         try:
             while queue or self.running or self.pending:
-                free = self.max_batch - len(self.running) - len(self.pending)
-                new = [queue.popleft() for _ in range(min(len(queue), free))]
+                new = [queue.popleft() for _ in range(min(len(queue), self._free_slots()))]
                 self.pending.extend(new)
                 self._iterate(new)
         finally:
             self._prefix = None
             self.lora.release()
+
+    def _free_slots(self) -> int:
+        """Batch slots no running or pending row holds: what the next step takes from the queue."""
+        return max(0, self.max_batch - len(self.running) - len(self.pending))
 
     # ------------------------------------------------------------------ the worker
     def _loop(self) -> None:
@@ -342,7 +344,7 @@ class Batcher:
                 if not self.running and not self.pending and len(self.waiting) < self.max_batch:
                     self.cv.wait(timeout=self.wait_s)  # an idle batch: let batch-mates arrive
                 new = []
-                while self.waiting and len(self.running) + len(self.pending) < self.max_batch:
+                while self.waiting and self._free_slots():
                     new.append(self.waiting.popleft())
                     self.pending.append(new[-1])
             try:
