@@ -26,6 +26,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -99,36 +100,43 @@ def two_adapters(model: str, root: Path):
     return handle.tokenizer
 
 
-def decode_steps(model: str, sizes: list[int], context: int, repeats: int = 20) -> dict[int, float]:
-    """Median seconds of one decode step (one new token per row, `logits_to_keep=1`, as the server runs it) of the
-    base model for each batch size in `sizes`, over a cache of `context` tokens per row."""
+def decode_step(model, rows: int, context: int, repeats: int = 20, route=contextlib.nullcontext) -> float:
+    """Median seconds of one decode step of `model` (one new token per row, `logits_to_keep=1`, as the server runs
+    it) for `rows` rows over a cache of `context` tokens each; each step runs inside `route()` (for example a
+    `RowLoRA.rows(...)` routing). Two steps warm up first."""
     import torch
     from transformers import DynamicCache
 
-    from selfalign.runtime.loader import load_base
-
-    model_ = load_base(model).model
-    steps = {}
     with torch.inference_mode():
-        for n in sizes:
-            ids = torch.randint(100, 10000, (n, context))
-            cache, mask = DynamicCache(), torch.ones((n, context), dtype=torch.long)
-            model_(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            times = []
-            for i in range(repeats + 2):
-                mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-                start = time.perf_counter()
-                model_(
+        ids = torch.randint(100, 10000, (rows, context))
+        cache, mask = DynamicCache(), torch.ones((rows, context), dtype=torch.long)
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        times = []
+        for i in range(repeats + 2):
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            start = time.perf_counter()
+            with route():
+                model(
                     input_ids=ids[:, :1],
                     attention_mask=mask,
-                    position_ids=torch.full((n, 1), context + i),
+                    position_ids=torch.full((rows, 1), context + i),
                     past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )
-                times.append(time.perf_counter() - start)
-            steps[n] = round(float(sorted(times[2:])[repeats // 2]), 4)  # the first two warm up
-            log(f"decode step, {n} rows: {steps[n]} s")
+            times.append(time.perf_counter() - start)
+    return round(float(sorted(times[2:])[repeats // 2]), 4)
+
+
+def decode_steps(model: str, sizes: list[int], context: int) -> dict[int, float]:
+    """The base model's `decode_step` for each batch size in `sizes`."""
+    from selfalign.runtime.loader import load_base
+
+    model_ = load_base(model).model
+    steps = {}
+    for n in sizes:
+        steps[n] = decode_step(model_, n, context)
+        log(f"decode step, {n} rows: {steps[n]} s")
     return steps
 
 

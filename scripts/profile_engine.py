@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_serve import PROMPTS, ROOT, two_adapters
+from bench_serve import PROMPTS, ROOT, decode_step, two_adapters
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -36,9 +36,6 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
     args = parser.parse_args()
-
-    import torch
-    from transformers import DynamicCache
 
     from selfalign.runtime.batching import Batcher, Job
     from selfalign.runtime.chat import render_prompt
@@ -107,31 +104,13 @@ def main() -> int:
     parts["rest_of_step"] = round(seconds["steps"] - sum(seconds[k] for k in parts), 3)
 
     rows = args.max_batch
-    step = {}
-    with torch.inference_mode():
-        ids = torch.randint(100, 10000, (rows, 96))
-        model = handle.model.get_base_model()
-        batcher.lora.sync(handle)
-        for label, routed in (("base_only", [None] * rows), ("two_adapters_rowlora", ["A", "B"] * (rows // 2))):
-            cache, mask = DynamicCache(), torch.ones((rows, 96), dtype=torch.long)
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            times = []
-            for i in range(12):
-                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-                position = torch.full((rows, 1), 96 + i)
-                begin = time.perf_counter()
-                with batcher.lora.rows(routed):
-                    model(
-                        input_ids=ids[:, :1],
-                        attention_mask=mask,
-                        position_ids=position,
-                        past_key_values=cache,
-                        use_cache=True,
-                        logits_to_keep=1,
-                    )
-                times.append(time.perf_counter() - begin)
-            step[label] = round(sorted(times[2:])[5], 4)
-        batcher.lora.release()
+    model = handle.model.get_base_model()
+    batcher.lora.sync(handle)
+    step = {
+        label: decode_step(model, rows, 96, repeats=10, route=lambda routed=routed: batcher.lora.rows(routed))
+        for label, routed in (("base_only", [None] * rows), ("two_adapters_rowlora", ["A", "B"] * (rows // 2)))
+    }
+    batcher.lora.release()
     print(
         json.dumps(
             {
