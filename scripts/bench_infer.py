@@ -1,7 +1,7 @@
 """Benchmark batched generation against one-prompt-at-a-time on the same prompts, in one run.
 
-Prints one JSON object: tokens/s at batch 1 and at batch N (left padding, greedy), and whether the
-batched outputs equal the unbatched ones.
+Prints one JSON object: tokens/s at batch 1 and at batch N (greedy, through the batcher that every generation
+uses), and whether the batched outputs equal the unbatched ones.
 
     python scripts/bench_infer.py [--model smollm2_135m] [--batch 8] [--max-new-tokens 128] [--device cpu]
 """
@@ -38,7 +38,8 @@ def main() -> None:
 
     import torch
 
-    from selfalign.runtime.loader import generate, load_base
+    from selfalign.runtime.generate import generate
+    from selfalign.runtime.loader import load_base
 
     handle = load_base(args.model, device=args.device)
     prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]

@@ -103,7 +103,7 @@ def two_adapters(model: str, root: Path):
 def decode_step(model, rows: int, context: int, repeats: int = 20, route=contextlib.nullcontext) -> float:
     """Median seconds of one decode step of `model` (one new token per row, `logits_to_keep=1`, as the server runs
     it) for `rows` rows over a cache of `context` tokens each; each step runs inside `route()` (for example a
-    `RowLoRA.rows(...)` routing). Two steps warm up first."""
+    `LoraSlots.rows(...)` routing). Two steps warm up first."""
     import torch
     from transformers import DynamicCache
 

@@ -1,10 +1,11 @@
-"""Benchmark adapter hot-swap against the naive reload, on CPU by default.
+"""Benchmark adapter hot-swap against PEFT's attach and the naive reload, on CPU by default.
 
-Prints exactly one JSON object on stdout; progress goes to stderr. Measures, over `--rounds` rounds:
-attaching an adapter from disk (`apply_adapter`, the adapter unloaded again between rounds), switching
-the active adapter between two resident ones (`set_active`, and PEFT's own `set_adapter` for
-comparison), and the naive way (a fresh `load_base` plus `PeftModel.from_pretrained`, min(rounds, 5)
-rounds). Also checks that greedy outputs with base, adapter A and adapter B differ.
+Prints exactly one JSON object on stdout; progress goes to stderr. Measures, over `--rounds` rounds: attaching an
+adapter from disk (`apply_adapter`, the adapter unloaded again between rounds), alone and next to a resident one,
+both as a copy into the LoRA slots (`runtime/lora.py`) and on PEFT's `load_adapter` path that every attach took
+before (forced by a slot rank of 0); the slots' first, allocating attach; switching the active adapter
+(`set_active`); and the naive way (a fresh `load_base` plus `PeftModel.from_pretrained`, min(rounds, 5) rounds).
+Also checks that greedy outputs with base, adapter A and adapter B differ, and that both paths give the same ones.
 
     python scripts/bench_swap.py [--model smollm2_135m] [--rounds 20] [--device cpu]
 """
@@ -39,12 +40,33 @@ def pct(samples_s: list[float]) -> tuple[float, float]:
     return round(float(np.percentile(ms, 50)), 4), round(float(np.percentile(ms, 95)), 4)
 
 
+def attach_rounds(handle, dirs: dict, root: Path, rounds: int, resident: bool) -> list[float]:
+    """Seconds per `apply_adapter` from disk over `rounds` rounds, each unloaded again (untimed). Nothing else
+    resident, alternating A and B; or (`resident`) B attached next to a resident A."""
+    from selfalign.runtime.loader import apply_adapter, unload_adapter
+
+    if resident:
+        apply_adapter(handle, dirs["A"], root=root, activate=False)
+    seconds = []
+    for i in range(rounds):
+        name = "B" if resident else "AB"[i % 2]
+        t = time.perf_counter()
+        apply_adapter(handle, dirs[name], root=root, activate=False)
+        seconds.append(time.perf_counter() - t)
+        unload_adapter(handle, name)
+    if resident:
+        unload_adapter(handle, "A")
+    return seconds
+
+
 def run(model: str, rounds: int, device: str) -> dict:
     import torch
     from peft import PeftModel
 
     from selfalign.runtime.adapters import write_random_adapter
-    from selfalign.runtime.loader import apply_adapter, infer, load_base, set_active, unload_adapter
+    from selfalign.runtime.generate import infer
+    from selfalign.runtime.loader import apply_adapter, load_base, set_active, unload_adapter
+    from selfalign.runtime.lora import DEFAULT_MAX_RANK
 
     log(f"loading {model} on {device}")
     t0 = time.perf_counter()
@@ -58,45 +80,33 @@ def run(model: str, rounds: int, device: str) -> dict:
             "B": write_random_adapter(handle, root / "B", "B", r=16, seed=2),
         }
         log(f"wrote random r=16 adapters to {root}")
+        out_base = infer(handle, PROMPT, max_new_tokens=MAX_NEW_TOKENS)  # while nothing is attached
 
-        # Base output first, while nothing is attached.
-        out_base = infer(handle, PROMPT, max_new_tokens=MAX_NEW_TOKENS)
-
-        # Attach from disk: nothing resident, alternate A and B; unload after each (untimed).
-        attach: list[float] = []
-        for i in range(rounds):
-            name = "AB"[i % 2]
-            t = time.perf_counter()
-            apply_adapter(handle, dirs[name], root=root)
-            attach.append(time.perf_counter() - t)
-            unload_adapter(handle, name)
-        log(f"attach p50 {pct(attach)[0]:.1f} ms")
-
-        # Attach from disk while another adapter is already resident (PEFT load_adapter path).
+        # The slots' first attach allocates them (once per handle); every later attach is a copy.
+        t = time.perf_counter()
         apply_adapter(handle, dirs["A"], root=root, activate=False)
-        attach_second: list[float] = []
-        for _ in range(rounds):
-            t = time.perf_counter()
+        first_attach = time.perf_counter() - t
+        unload_adapter(handle, "A")
+        paths: dict[str, dict] = {}
+        for path, max_rank in (("slots", DEFAULT_MAX_RANK), ("peft", 0)):  # max rank 0: every adapter takes PEFT's
+            handle.slots.max_rank = max_rank
+            paths[path] = {
+                "alone": attach_rounds(handle, dirs, root, rounds, resident=False),
+                "resident": attach_rounds(handle, dirs, root, rounds, resident=True),
+            }
+            log(f"{path}: attach p50 {pct(paths[path]['alone'])[0]:.1f} ms, p95 {pct(paths[path]['alone'])[1]:.1f} ms")
+            apply_adapter(handle, dirs["A"], root=root, activate=False)
             apply_adapter(handle, dirs["B"], root=root, activate=False)
-            attach_second.append(time.perf_counter() - t)
+            assert (path == "peft") == bool(handle.peft), handle.peft
+            paths[path]["outputs"] = {n: infer(handle, PROMPT, max_new_tokens=MAX_NEW_TOKENS, adapter=n) for n in "AB"}
+            if path == "slots":
+                switch: list[float] = []
+                for i in range(rounds):
+                    t = time.perf_counter()
+                    set_active(handle, "AB"[i % 2])
+                    switch.append(time.perf_counter() - t)
+            unload_adapter(handle, "A")
             unload_adapter(handle, "B")
-        apply_adapter(handle, dirs["B"], root=root, activate=False)
-
-        # Switch between two resident adapters.
-        switch: list[float] = []
-        peft_switch: list[float] = []
-        for i in range(rounds):
-            name = "AB"[i % 2]
-            t = time.perf_counter()
-            set_active(handle, name)
-            switch.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            handle.model.set_adapter(name)
-            peft_switch.append(time.perf_counter() - t)
-        log(f"switch p50 {pct(switch)[0]:.4f} ms, peft set_adapter p50 {pct(peft_switch)[0]:.4f} ms")
-
-        out_a = infer(handle, PROMPT, max_new_tokens=MAX_NEW_TOKENS, adapter="A")
-        out_b = infer(handle, PROMPT, max_new_tokens=MAX_NEW_TOKENS, adapter="B")
         out_base_after = infer(handle, PROMPT, max_new_tokens=MAX_NEW_TOKENS, adapter="base")
 
         # Naive: a fresh base plus PeftModel.from_pretrained per switch.
@@ -111,8 +121,9 @@ def run(model: str, rounds: int, device: str) -> dict:
             del peft_model, fresh
         log(f"naive p50 {pct(naive)[0]:.1f} ms over {naive_rounds} rounds")
 
-    attach_p50, attach_p95 = pct(attach)
+    slots, peft = paths["slots"], paths["peft"]
     naive_p50, naive_p95 = pct(naive)
+    out_a, out_b = slots["outputs"]["A"], slots["outputs"]["B"]
     return {
         "model": model,
         "base_model_name": handle.name,
@@ -120,21 +131,26 @@ def run(model: str, rounds: int, device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "rounds": rounds,
         "lora_r": 16,
-        "attach_ms_p50": attach_p50,
-        "attach_ms_p95": attach_p95,
-        "attach_with_resident_ms_p50": pct(attach_second)[0],
-        "attach_with_resident_ms_p95": pct(attach_second)[1],
+        "first_attach_ms": round(first_attach * 1000, 1),
+        "attach_ms_p50": pct(slots["alone"])[0],
+        "attach_ms_p95": pct(slots["alone"])[1],
+        "attach_with_resident_ms_p50": pct(slots["resident"])[0],
+        "attach_with_resident_ms_p95": pct(slots["resident"])[1],
+        "peft_attach_ms_p50": pct(peft["alone"])[0],
+        "peft_attach_ms_p95": pct(peft["alone"])[1],
+        "peft_attach_with_resident_ms_p50": pct(peft["resident"])[0],
+        "peft_attach_with_resident_ms_p95": pct(peft["resident"])[1],
+        "speedup_attach_p95_vs_peft": round(pct(peft["alone"])[1] / pct(slots["alone"])[1], 2),
         "switch_ms_p50": pct(switch)[0],
         "switch_ms_p95": pct(switch)[1],
-        "peft_set_adapter_ms_p50": pct(peft_switch)[0],
-        "peft_set_adapter_ms_p95": pct(peft_switch)[1],
         "naive_ms_p50": naive_p50,
         "naive_ms_p95": naive_p95,
         "naive_rounds": naive_rounds,
-        "speedup_attach_vs_naive": round(naive_p50 / attach_p50, 2) if attach_p50 > 0 else None,
+        "speedup_attach_vs_naive": round(naive_p50 / pct(slots["alone"])[0], 2),
         "prompt": PROMPT,
         "max_new_tokens": MAX_NEW_TOKENS,
         "outputs_differ": len({out_base, out_a, out_b}) == 3,
+        "slots_answer_as_peft": slots["outputs"] == peft["outputs"],
         "base_unchanged_after_swaps": out_base_after == out_base,
         "outputs": {"base": out_base, "A": out_a, "B": out_b},
     }

@@ -4,7 +4,9 @@ Prints one JSON object on stdout. Two random adapters on `--model`; `--jobs` gre
 alternating between them, over `--max-batch` slots. Reported: wall time and steps; seconds in decode forward
 passes, prefill passes, sampling (`_pick`), retiring and detokenizing (`_retire`), and the rest of each step; then
 a `--max-batch`-row decode step (median of 10, over a 96-token cache) on the base alone and with the rows routed
-to the two adapters through `RowLoRA`, whose difference is what the LoRA hooks cost.
+to the two adapters through the LoRA slots' hooks (`runtime/lora.py`), whose difference is what the hooks cost;
+and `--max-batch` jobs, then one job alone, drained under PyTorch's profiler: the operators with the most self CPU
+time and their share.
 
     python scripts/profile_engine.py [--model smollm2_135m] [--jobs 32] [--tokens 64] [--max-batch 16]
 """
@@ -27,6 +29,30 @@ from pathlib import Path
 from bench_serve import PROMPTS, ROOT, decode_step, two_adapters
 
 sys.path.insert(0, str(ROOT / "src"))
+
+
+def operator_profile(batcher, jobs: list, top: int = 10) -> dict:
+    """`jobs` drained under PyTorch's profiler: the operators with the most self CPU time and their share of the
+    time spent in operators. (The profiler's own cost per call inflates the wall time, so the time outside operators
+    is not reported here; the timed parts above measure the Python around the forward passes.)"""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        batcher.drain(jobs)
+    averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in averages)
+    return {
+        "in_operators_s": round(total / 1e6, 2),
+        "top": [
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_s": round(e.self_cpu_time_total / 1e6, 3),
+                "share": round(e.self_cpu_time_total / total, 3),
+            }
+            for e in averages[:top]
+        ],
+    }
 
 
 def main() -> int:
@@ -102,33 +128,29 @@ def main() -> int:
     wall = time.perf_counter() - start
     parts = {k: round(v, 3) for k, v in seconds.items() if k != "steps"}
     parts["rest_of_step"] = round(seconds["steps"] - sum(seconds[k] for k in parts), 3)
-
-    rows = args.max_batch
-    model = handle.model.get_base_model()
-    batcher.lora.sync(handle)
-    step = {
-        label: decode_step(model, rows, 96, repeats=10, route=lambda routed=routed: batcher.lora.rows(routed))
-        for label, routed in (("base_only", [None] * rows), ("two_adapters_rowlora", ["A", "B"] * (rows // 2)))
+    result = {
+        "model": args.model,
+        "jobs": args.jobs,
+        "tokens_per_job": args.tokens,
+        "max_batch": args.max_batch,
+        "wall_s": round(wall, 2),
+        "steps": calls["steps"],
+        "tokens_per_s": round(sum(produced) / wall, 1),
+        "seconds": parts,
+        "passes": {k: calls[k] for k in ("decode_forward", "prefill_forward")},
     }
-    batcher.lora.release()
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "jobs": args.jobs,
-                "tokens_per_job": args.tokens,
-                "max_batch": args.max_batch,
-                "wall_s": round(wall, 2),
-                "steps": calls["steps"],
-                "tokens_per_s": round(sum(produced) / wall, 1),
-                "seconds": parts,
-                "passes": {k: calls[k] for k in ("decode_forward", "prefill_forward")},
-                f"decode_step_{rows}_rows_s": step,
-                "hooks_share_of_step": round(step["two_adapters_rowlora"] / step["base_only"] - 1, 3),
-            },
-            indent=1,
-        )
-    )
+    rows = args.max_batch
+    step = {
+        label: decode_step(handle.model, rows, 96, repeats=10, route=lambda routed=routed: handle.slots.rows(routed))
+        for label, routed in (("base_only", [None] * rows), ("two_adapters_slots", ["A", "B"] * (rows // 2)))
+    }
+    result[f"decode_step_{rows}_rows_s"] = step
+    result["hooks_share_of_step"] = round(step["two_adapters_slots"] / step["base_only"] - 1, 3)
+    result["operators"] = {
+        f"{args.max_batch}_jobs": operator_profile(Batcher(handle, max_batch=args.max_batch), jobs(args.max_batch)),
+        "1_job": operator_profile(Batcher(handle, max_batch=1), jobs(1)),
+    }
+    print(json.dumps(result, indent=1))
     return 0
 
 

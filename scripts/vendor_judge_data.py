@@ -229,7 +229,7 @@ def smollm2_rows(adapter: Path) -> list[dict]:
     sys.path.insert(0, str(ROOT / "src"))
     from selfalign.dataops.pairs import pair_categories, plan_prompts
     from selfalign.persona.schema import load_persona
-    from selfalign.runtime.batching import complete_all
+    from selfalign.runtime.generate import complete_all
     from selfalign.runtime.loader import apply_adapter, load_base, resolve_base_model
 
     persona, _ = load_persona(ROOT / "personas" / f"{SMOLLM2_PLAN['persona']}.yaml")

@@ -103,3 +103,17 @@ def test_stages_and_the_sweep_callback_import_no_stage():
     assert {name: mods for name, mods in offenders.items() if mods} == {}
     # only the stage table knows every stage; the pipeline reaches its steps through it
     assert STAGES in graph["selfalign.stages.pipeline"]
+
+
+def test_one_decoding_engine():
+    """Every generation goes through `runtime/generate.py` over the batcher: nothing in the package calls a model's
+    own `.generate(...)`, and only the LoRA module names adapters per row for PEFT (`adapter_names`)."""
+    model_generate, adapter_names = [], []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "generate":
+                model_generate.append(f"{module_name(path)}:{node.lineno}")
+            if isinstance(node, ast.Constant) and node.value == "adapter_names":
+                adapter_names.append(module_name(path))
+    assert model_generate == []
+    assert sorted(set(adapter_names)) == ["selfalign.runtime.lora"]

@@ -366,6 +366,9 @@ class ServeConfig:
     max_batch: int = 16  # rows decoded together, across the base and every resident adapter
     max_queue: int = 64  # requests waiting for a slot; one more gets a 429 with Retry-After
     max_adapters: int = 8  # resident adapters (about 19 MB each for the 135M model's rank 16); one more gets a 400
+    # LoRA slots (runtime/lora.py) are allocated for max_adapters adapters of up to this rank: attaching one is a copy.
+    # A higher rank, or a LoRA variant (DoRA), takes PEFT's slower path and is reported as such.
+    max_lora_rank: int = 64
     max_body_bytes: int = 1 << 20  # a larger request body is a 413 before it is read whole, parsed or authenticated
     batch_wait_ms: float = 5.0  # an idle server waits this long for batch-mates before its first step
     # Prompt tokens prefilled per decode step: a longer prompt is prefilled a chunk per step, so running streams
@@ -381,7 +384,7 @@ class ServeConfig:
                 f"serve.max_new_tokens must be in 1..serve.max_tokens_limit ({self.max_new_tokens} vs "
                 f"{self.max_tokens_limit})"
             )
-        for name in ("max_batch", "max_queue", "max_adapters", "max_body_bytes"):
+        for name in ("max_batch", "max_queue", "max_adapters", "max_body_bytes", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve.{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.batch_wait_ms <= 1000:

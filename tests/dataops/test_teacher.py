@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from selfalign.dataops.teacher import Ask, LocalTeacher, OpenAITeacher, Sampling, TeacherUnavailable
-from selfalign.runtime.loader import generate, load_base
+from selfalign.runtime.generate import generate
+from selfalign.runtime.loader import load_base
 from tests.servers import Server, free_port
 
 ASKS = [Ask([{"role": "user", "content": f"Say something about number {i}."}], 8) for i in range(6)]

@@ -11,9 +11,11 @@ import pytest
 
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.adapters import write_random_adapter
-from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _safe_prefix, complete_all
+from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _safe_prefix
 from selfalign.runtime.chat import render_prompt
-from selfalign.runtime.loader import apply_adapter, generate, load_base
+from selfalign.runtime.generate import complete_all
+from selfalign.runtime.loader import apply_adapter, load_base, unload_adapter
+from tests.runtime.reference import HFReference
 
 PROMPTS = [
     "Name a colour.",
@@ -32,7 +34,13 @@ def handle(tmp_path_factory):
     apply_adapter(h, "alpha", root=root, activate=False)
     apply_adapter(h, "beta", root=root, activate=False)
     h.root = root
+    h.reference = HFReference("tiny_llama", {"alpha": root / "alpha", "beta": root / "beta"})
     return h
+
+
+def generate(handle, prompts, *, max_new_tokens, adapter):
+    """The independent reference's greedy answers (`tests/runtime/reference.py`)."""
+    return handle.reference(prompts, max_new_tokens=max_new_tokens, adapter=adapter)
 
 
 class Collector:
@@ -354,3 +362,38 @@ def test_whole_prompts_are_prefilled_together_up_to_the_chunk(handle):
     for i in range(8):
         ref = generate(handle, [PROMPTS[i % 4]], max_new_tokens=4, adapter="base")
         assert got.final(i).text == ref.texts[0], i
+
+
+def test_slot_and_peft_path_adapters_share_a_batch(tmp_path):
+    """Slots for one adapter that double when a second arrives, a DoRA adapter and one of rank 32 over the slots'
+    16 on PEFT's path (each reported with its reason), and an r=8 adapter in the slot an r=16 one left: rows on the
+    base and every adapter but DoRA decode in one batch (DoRA's, which PEFT cannot mix, in batches of their own),
+    and all answer as the independent reference does, token for token."""
+    h = load_base("tiny_llama", lora_slots=1, max_lora_rank=16)
+    specs = {"a16": {"seed": 1}, "dora": {"seed": 2, "use_dora": True}, "wide": {"seed": 3, "r": 32}}
+    specs |= {"b16": {"seed": 4}, "c8": {"seed": 5, "r": 8}}
+    for name, spec in specs.items():
+        write_random_adapter(h, tmp_path / name, name, **spec)
+    for name in ("a16", "dora", "wide", "b16"):
+        apply_adapter(h, name, root=tmp_path, activate=False)
+    assert h.slots.slots == {"a16": 0, "b16": 1} and h.slots.capacity == 2
+    assert h.peft == {"dora": "use_dora=True", "wide": "rank 32 is above the slots' maximum 16"}
+    unload_adapter(h, "a16")
+    apply_adapter(h, "c8", root=tmp_path, activate=False)
+    assert h.slots.slots == {"c8": 0, "b16": 1}
+    reference = HFReference("tiny_llama", {n: tmp_path / n for n in ("dora", "wide", "b16", "c8")})
+    got = Collector()
+    rows = [(p, a) for p in PROMPTS[:2] for a in (None, "dora", "wide", "b16", "c8")]
+    batcher = Recording(h, max_batch=len(rows))
+    jobs = [job(h, p, a, got, (p, a), max_new=8) for p, a in rows]
+    batcher.drain(jobs)
+    adapter_of = {id(j): j.adapter for j in jobs}
+    mixes = [{adapter_of[i] for i in ids} for _, ids, _, _ in batcher.passes]
+    assert {None, "wide", "b16", "c8"} in mixes  # slot, PEFT-path and base rows in one forward pass
+    assert all(m == {"dora"} for m in mixes if "dora" in m)  # PEFT cannot mix DoRA rows: they run on their own
+    answers = {}
+    for p, a in rows:
+        ref = reference([p], max_new_tokens=8, adapter=a)
+        assert (got.final((p, a)).text, got.final((p, a)).completion_tokens) == (ref.texts[0], ref.completion_tokens[0])
+        answers.setdefault(p, set()).add(ref.texts[0])
+    assert all(len(texts) == 5 for texts in answers.values())  # every adapter changes the answer

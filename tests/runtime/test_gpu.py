@@ -189,7 +189,9 @@ def test_bf16_mixed_lora_trains_on_cuda(bf16_run):
 
 def test_adapter_attaches_to_a_cuda_base_and_changes_greedy_output(bf16_run, base_cfg, tmp_path):
     from selfalign.runtime.adapters import save_adapter, write_random_adapter
-    from selfalign.runtime.loader import apply_adapter, infer, load_base
+    from selfalign.runtime.generate import infer
+    from selfalign.runtime.loader import apply_adapter, load_base
+    from selfalign.runtime.lora import route
     from selfalign.train.sft import adapter_manifest
 
     result, _, _, lora = bf16_run
@@ -217,10 +219,10 @@ def test_adapter_attaches_to_a_cuda_base_and_changes_greedy_output(bf16_run, bas
 
     name = apply_adapter(handle, trained, root=tmp_path / "adapters")
     assert handle.active == name
-    with torch.inference_mode():
-        adapted_logits = handle.model(**batch, adapter_names=[name]).logits.float()
+    with torch.inference_mode(), route(handle, [name]) as (model, extra):
+        adapted_logits = model(**batch, **extra).logits.float()
     assert (adapted_logits - base_logits).abs().max() > 1e-3  # the trained weights reach the CUDA forward
-    assert all(p.device.type == DEVICE for n, p in handle.model.named_parameters() if "lora_" in n)
+    assert name in handle.slots and all(layer.a.device.type == DEVICE for layer in handle.slots.layers.values())
 
     other = apply_adapter(handle, random_dir, root=tmp_path / "adapters", activate=False)
     assert infer(handle, prompt, max_new_tokens=12, adapter=other) != before  # a random B: visibly different

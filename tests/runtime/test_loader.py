@@ -15,17 +15,17 @@ from selfalign.errors import SelfAlignError
 from selfalign.runtime.adapters import write_random_adapter
 from selfalign.runtime.chat import chat_template_hash, render_example
 from selfalign.runtime.families import lora_target_modules
+from selfalign.runtime.generate import generate, infer
 from selfalign.runtime.loader import (
     apply_adapter,
     detach,
-    generate,
-    infer,
     load_base,
     load_for_training,
     set_active,
     unload_adapter,
 )
 from selfalign.utils.hashing import sha256_file
+from tests.runtime.reference import HFReference
 
 PROMPT = "Tell me about the sea."
 TOKENS = 12
@@ -159,7 +159,8 @@ def test_swap_attach_switch_detach_unload(adapters):
     handle = load_base("tiny_llama", device="cpu")
     base = greedy(handle)
     assert apply_adapter(handle, "A", root=adapters) == "A"
-    assert isinstance(handle.model, PeftModel) and handle.active == "A"
+    assert handle.active == "A" and "A" in handle.slots and not handle.peft  # a copy into a slot: no PEFT layers
+    assert not isinstance(handle.model, PeftModel)
     out_a = greedy(handle)
     assert apply_adapter(handle, adapters / "B", root=adapters) == "B"
     assert handle.active == "B" and set(handle.adapters) == {"A", "B"}
@@ -190,8 +191,8 @@ def test_swap_attach_switch_detach_unload(adapters):
     assert greedy(handle) == base
     assert greedy(handle, adapter="A") == out_a
     unload_adapter(handle, "A")
-    assert handle.adapters == {} and handle.manifests == {}
-    assert not isinstance(handle.model, PeftModel)
+    assert handle.adapters == {} and handle.manifests == {} and not handle.slots.slots
+    assert all(not m._forward_hooks for m in handle.model.modules())  # no hook left on
     assert greedy(handle) == base
     with pytest.raises(SelfAlignError, match=r"adapter 'A' is not loaded"):
         unload_adapter(handle, "A")
@@ -199,6 +200,26 @@ def test_swap_attach_switch_detach_unload(adapters):
     # A fully unloaded handle attaches again from disk and gives the same answers.
     apply_adapter(handle, "B", root=adapters)
     assert greedy(handle) == out_b
+
+
+def test_slot_adapters_answer_as_hf_generate_on_peft_does(adapters):
+    """Copied into slots, each adapter answers greedily, token for token, as Hugging Face's `generate` on PEFT's
+    `PeftModel` does (an independent implementation), and as the engine does with every adapter on PEFT's path
+    (`max_lora_rank=0`, which the slots cannot hold)."""
+    reference = HFReference("tiny_llama", {"A": adapters / "A", "B": adapters / "B"})
+    on_slots, on_peft = load_base("tiny_llama"), load_base("tiny_llama", max_lora_rank=0)
+    for handle in (on_slots, on_peft):
+        apply_adapter(handle, "A", root=adapters, activate=False)
+        apply_adapter(handle, "B", root=adapters, activate=False)
+    assert on_slots.slots.slots == {"A": 0, "B": 1} and not on_slots.peft
+    assert on_peft.peft == {n: "rank 16 is above the slots' maximum 0" for n in "AB"} and not on_peft.slots.slots
+    prompts = [PROMPT, "Hi", "Write a long, careful paragraph about why the ocean tides rise and fall twice a day."]
+    for adapter in ("base", "A", "B"):
+        expected = reference(prompts, max_new_tokens=TOKENS, adapter=adapter)
+        for handle in (on_slots, on_peft):
+            got = generate(handle, prompts, max_new_tokens=TOKENS, adapter=adapter)
+            assert (got.texts, got.completion_tokens) == (expected.texts, expected.completion_tokens), adapter
+    assert len({*reference(prompts[:1], max_new_tokens=TOKENS, adapter="A").texts, greedy(on_slots, adapter="B")}) == 2
 
 
 # --------------------------------------------------------------------------- refusals
@@ -357,7 +378,7 @@ def test_flipped_weight_bytes_and_nan_weights_are_refused(tiny, adapters, root):
     save_file(tensors, nan / "adapter_model.safetensors")
     rehash(nan)
     refused(tiny, "nan", root, r"adapter failed to load \(ValueError: 1 of \d+ weight tensors hold NaN or inf values\)")
-    assert not isinstance(tiny.model, PeftModel)
+    assert not isinstance(tiny.model, PeftModel) and not tiny.slots.slots
 
 
 def test_corrupt_weights_are_refused_and_leave_base_intact(adapters, root):
@@ -388,7 +409,7 @@ def test_weights_that_fail_midway_are_rolled_back(adapters, root):
     with_a = greedy(handle)
     with pytest.raises(SelfAlignError, match="adapter failed to load"):
         apply_adapter(handle, "wrong-shapes", root=root)
-    assert list(handle.model.peft_config) == ["A"] and greedy(handle) == with_a
+    assert list(handle.adapters) == ["A"] and "A" in handle.slots and greedy(handle) == with_a
 
 
 def test_qlora_loads_4bit_on_cpu_and_takes_an_adapter(adapters):

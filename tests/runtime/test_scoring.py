@@ -1,5 +1,6 @@
 """Teacher-forced scoring on the tiny model: the log-probability of a continuation equals the sum read off a plain
-PEFT forward pass, on the base and on each resident adapter, whatever the batch; no hook outlives a call."""
+forward pass of PEFT's own model (a separate copy), on the base and on each resident adapter, whatever the batch;
+a call adds no hook."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from selfalign.runtime.adapters import write_random_adapter
 from selfalign.runtime.chat import render_prompt
 from selfalign.runtime.loader import apply_adapter, load_base
 from selfalign.runtime.scoring import continuation_logprobs
+from tests.runtime.reference import HFReference
 
 PROMPTS = ["Name a colour.", "Tell me about rivers and why they reach the sea.", "What is two plus two?"]
 OPENING = "Answer: I can’t provide that."
@@ -23,16 +25,17 @@ def handle(tmp_path_factory):
     write_random_adapter(h, root / "beta", "beta", seed=2)
     apply_adapter(h, "alpha", root=root, activate=False)
     apply_adapter(h, "beta", root=root, activate=False)
+    h.reference = HFReference("tiny_llama", {"alpha": root / "alpha", "beta": root / "beta"})
     return h
 
 
 def reference(handle, prompt: str, tail: str, adapter: str | None) -> float:
-    """One row, PEFT's own adapter switch, log-softmax by hand."""
+    """One row on the reference's `PeftModel`, PEFT's own adapter switch, log-softmax by hand."""
     tok = handle.tokenizer
     head = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
     rest = tok(tail, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([head + rest])
-    model = handle.model
+    model = handle.reference.model
     with torch.inference_mode():
         if adapter is None:
             with model.disable_adapter():

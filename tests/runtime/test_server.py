@@ -12,7 +12,8 @@ import pytest
 from openai import OpenAI
 
 from selfalign.runtime.adapters import write_random_adapter
-from selfalign.runtime.loader import apply_adapter, infer, load_base
+from selfalign.runtime.generate import infer
+from selfalign.runtime.loader import apply_adapter, load_base
 from tests.servers import Server, http
 
 PROMPTS = ["Name a colour.", "Tell me about rivers.", "What is two plus two?"]
@@ -53,6 +54,9 @@ def test_models_chat_swap_and_stream(setup):
     status, body = http("POST", f"{server.url}/v1/adapters", {"path": "beta/0.0.0"})
     assert status == 200 and body["name"] == "beta" and body["attach_ms"] > 0
     assert [m.id for m in client.models.list().data] == ["tiny-llama", "selfalign", "alpha", "beta"]
+    status, body = http("GET", f"{server.url}/v1/adapters")
+    assert status == 200
+    assert [(a["name"], a["lora"]) for a in body["adapters"]] == [("alpha", "slots"), ("beta", "slots")]
     for model, key in (("alpha", "alpha"), ("beta", "beta"), ("tiny-llama", "base")):
         reply = chat(client, model, PROMPTS[0])
         assert reply.choices[0].message.content == refs[key][0], model

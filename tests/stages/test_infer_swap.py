@@ -7,7 +7,8 @@ import json
 import pytest
 
 from selfalign.runtime.adapters import write_random_adapter
-from selfalign.runtime.loader import apply_adapter, infer, load_base
+from selfalign.runtime.generate import infer
+from selfalign.runtime.loader import apply_adapter, load_base
 from tests.conftest import run_dirs
 
 PROMPT = "Describe a quiet morning."

@@ -36,12 +36,13 @@ def test_bundled_model_trains_and_its_adapter_changes_the_base(cli, tmp_path):
     assert 0 < summary["val_loss"] < 3 and summary["tokens_per_s"] > 0
 
     from selfalign.runtime.loader import apply_adapter, load_base
+    from selfalign.runtime.lora import route
 
     handle = load_base("smollm2_135m", "cpu")
     batch = handle.tokenizer(["Explain glaciers briefly for a reader who asked question 3."], return_tensors="pt")
     with torch.inference_mode():
         base = handle.model(**batch).logits
     apply_adapter(handle, summary["adapter_dir"], root=tmp_path / "adapters")
-    with torch.inference_mode():
-        adapted = handle.model(**batch).logits
+    with torch.inference_mode(), route(handle, [handle.active]) as (model, extra):  # its rows on the adapter
+        adapted = model(**batch, **extra).logits
     assert (adapted - base).abs().max() > 0.1

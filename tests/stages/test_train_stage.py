@@ -108,6 +108,7 @@ def test_train_writes_adapter_manifest_run_files_and_mlflow(train_cfg, tmp_path)
 
 def test_trained_adapter_attaches_and_changes_the_model(train_cfg, tmp_path):
     from selfalign.runtime.loader import apply_adapter, load_base
+    from selfalign.runtime.lora import route
 
     train.run(train_cfg("trainer.max_epochs=1", "lora.lr=5e-3", "tracking.enabled=false"))
     handle = load_base("tiny_llama", "cpu")
@@ -115,8 +116,8 @@ def test_trained_adapter_attaches_and_changes_the_model(train_cfg, tmp_path):
     with torch.inference_mode():
         base = handle.model(**batch).logits
     apply_adapter(handle, tmp_path / "adapters" / "neutral-concise" / "0.1.0", root=tmp_path / "adapters")
-    with torch.inference_mode():
-        adapted = handle.model(**batch).logits
+    with torch.inference_mode(), route(handle, [handle.active]) as (model, extra):  # its rows on the adapter
+        adapted = model(**batch, **extra).logits
     assert (adapted - base).abs().max() > 1e-3
 
 

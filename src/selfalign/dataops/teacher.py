@@ -51,7 +51,7 @@ class LocalTeacher:
     def complete(self, asks: list[Ask], sampling: Sampling) -> list[str | None]:
         """Up to `batch_size` asks decode together; ask i samples from its own generator, seeded from
         (`sampling.seed`, i), so its text depends on the seed and the asks alone."""
-        from selfalign.runtime.batching import complete_all
+        from selfalign.runtime.generate import complete_all
 
         done = complete_all(
             self.handle,

@@ -63,7 +63,7 @@ def generate_outputs(handle, rows: list[dict], adapter: str | None, settings: Ev
     """Greedy answers to every row's prompt with `adapter` (None: the base), continuously batched: up to
     `batch_size` rows decode together and a finished row's slot goes to the next prompt (shortest prompts first,
     so a prefill pads little). `progress(1)` hears of each answer as it finishes."""
-    from selfalign.runtime.batching import complete_all
+    from selfalign.runtime.generate import complete_all
 
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]))
     t0 = time.perf_counter()

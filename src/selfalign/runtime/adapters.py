@@ -15,7 +15,7 @@ from pathlib import Path
 from selfalign import __version__
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.families import LORA_TARGET_GROUPS, lora_target_modules
-from selfalign.utils.hashing import sha256_file
+from selfalign.utils.hashing import sha256_bytes, sha256_file
 from selfalign.utils.io import UMASK, atomic_dir, read_json
 
 MANIFEST = "manifest.json"
@@ -47,8 +47,9 @@ def resolve_adapter_dir(adapter_dir: str | os.PathLike, root: str | os.PathLike)
     raise SelfAlignError(f"adapter dir {str(given)!r} not found under {root_real}")
 
 
-def read_manifest(path: Path) -> dict:
-    """The manifest of an adapter dir that holds everything an attach needs; else a clear refusal."""
+def read_manifest(path: Path, *, hash_weights: bool = True) -> dict:
+    """The manifest of an adapter dir that holds everything an attach needs; else a clear refusal. The weights'
+    sha256 is checked unless `hash_weights` is false (an attach checks the bytes it loads: `read_weights`)."""
     missing = [name for name in (MANIFEST, CONFIG, WEIGHTS) if not (path / name).is_file()]
     if WEIGHTS in missing and any(path.glob("adapter_model.bin")):
         raise SelfAlignError(f"{path}: adapter weights are a pickle (adapter_model.bin); only safetensors load")
@@ -68,15 +69,27 @@ def read_manifest(path: Path) -> dict:
     for key in ("adapter_id", "version", "base_model", "chat_template_hash"):
         if not manifest.get(key):
             raise SelfAlignError(f"{path / MANIFEST}: missing field {key!r}")
-    expected = manifest.get("weights_sha256")  # absent only in adapters saved before weights were hashed
-    if expected is not None:
-        actual = sha256_file(path / WEIGHTS)
-        if actual != expected:
-            raise SelfAlignError(
-                f"{path / WEIGHTS}: sha256 {actual[:12]}... is not the manifest's {str(expected)[:12]}...: the weights "
-                "changed after they were saved; retrain or restore them"
-            )
+    if hash_weights and manifest.get("weights_sha256") is not None:
+        _check_sha256(path, manifest, sha256_file(path / WEIGHTS))
     return manifest
+
+
+def read_weights(path: Path, manifest: dict) -> bytes:
+    """The adapter's safetensors bytes, read once and checked against the manifest's sha256, so the bytes checked
+    are the bytes loaded."""
+    data = (path / WEIGHTS).read_bytes()
+    if manifest.get("weights_sha256") is not None:  # absent only in adapters saved before weights were hashed
+        _check_sha256(path, manifest, sha256_bytes(data))
+    return data
+
+
+def _check_sha256(path: Path, manifest: dict, actual: str) -> None:
+    expected = manifest["weights_sha256"]
+    if actual != expected:
+        raise SelfAlignError(
+            f"{path / WEIGHTS}: sha256 {actual[:12]}... is not the manifest's {str(expected)[:12]}...: the weights "
+            "changed after they were saved; retrain or restore them"
+        )
 
 
 def _same_base(manifest: dict, path: Path, base_model: str) -> None:
@@ -155,12 +168,13 @@ def _make_readable(folder: Path) -> None:
 
 
 def write_random_adapter(
-    handle, out_dir: str | os.PathLike, adapter_id: str, *, r: int = 16, alpha: int = 32, seed: int = 0
+    handle, out_dir: str | os.PathLike, adapter_id: str, *, r: int = 16, alpha: int = 32, seed: int = 0, **options
 ) -> Path:
     """An untrained LoRA adapter whose B matrices are random (not zero), so it visibly changes outputs.
 
     For benchmarks and tests that need real adapter files without a training run. It is built on a
-    copy-free wrapper of `handle.model` and removed again, leaving the handle as it was.
+    copy-free wrapper of `handle.model` and removed again, leaving the handle as it was. `options` go to PEFT's
+    `LoraConfig` (`use_dora=True` writes a DoRA adapter).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -169,7 +183,9 @@ def write_random_adapter(
         raise SelfAlignError("write_random_adapter needs a handle with no adapters attached")
     targets = lora_target_modules(handle.cfg.family, list(LORA_TARGET_GROUPS))
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM", **options
+    )
     peft_model = get_peft_model(handle.model, config, adapter_name=adapter_id)
     manifest = build_manifest(
         adapter_id,

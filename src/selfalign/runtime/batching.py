@@ -14,11 +14,9 @@ One worker thread owns generation. Each iteration it
    string, or whose client went away; their slots are free at the next iteration. A row that cannot go on
    (its seed or sampling fails, its logits are not finite) is retired with its own error; its batch-mates go on.
 
-Rows on different adapters share the forward pass through `RowLoRA`: with PEFT's own LoRA computation switched off
-for the step, a hook on each LoRA layer adds every row's delta from its adapter's weights in four tensor ops,
-whatever the mix. PEFT's `adapter_names` path does the same arithmetic but re-registers a hook on every LoRA
-layer and regroups the rows in Python in every layer, every step (DECISIONS.md "Serving that batches"). Adapters
-with a LoRA variant (DoRA, aLoRA) keep PEFT's path.
+Rows on different adapters share the forward pass (`runtime/lora.py`): a hook on each served layer adds every row's
+delta from its adapter's slot in four tensor ops, whatever the mix. Adapters on PEFT's path (LoRA variants) are
+named per row through PEFT's `adapter_names` in the same pass.
 
 The key/value cache of the running batch is one left-padded `DynamicCache`: newcomers are merged in by padding the
 shorter side on the left, and retired rows are cut out (and the all-padding columns dropped). Each row keeps its
@@ -33,7 +31,6 @@ queued ones with 409. The queue is bounded: `submit` raises `QueueFull` (the ser
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -41,10 +38,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from selfalign.runtime.loader import BASE, BaseModelHandle, unload_adapter
+from selfalign.runtime.loader import BaseModelHandle, unload_adapter
+from selfalign.runtime.lora import route
 
 log = logging.getLogger(__name__)
 
@@ -119,94 +116,6 @@ def _safe_prefix(text: str, stops: list[str]) -> str:
     return text[: len(text) - hold].rstrip()
 
 
-class RowLoRA:
-    """Per-row adapters in one forward pass: a forward hook on each LoRA layer adds its rows' deltas.
-
-    `sync` (under `handle.lock`, at every step) rebuilds the hooks when the resident adapters change: each LoRA layer
-    gets its adapters' matrices side by side, `A` stacked over the ranks and `B` next to each other. Inside
-    `rows(...)`, PEFT's own LoRA computation is switched off (`_disable_adapters`) and each hook adds
-    `B_all((A_all x) * gate)`, where `gate` holds, per row, the adapter's `scaling` on that adapter's rank block and 0
-    elsewhere (all 0 for a base row): four tensor ops per layer whatever the mix of adapters, where PEFT's
-    `adapter_names` path runs seven per adapter per layer plus Python row grouping and hook registration. Outside
-    `rows(...)` the hooks do nothing and the model behaves exactly as PEFT made it.
-    """
-
-    def __init__(self):
-        self.key = None
-        self.layers: list = []
-        self.hooks: list = []
-        self.adapters: list[str | None] = []  # each row's adapter during a step
-        self.gates: dict | None = None  # per adapter layout: (rows, 1, ranks) during a step; None: hooks idle
-        self.usable = False
-
-    def sync(self, handle: BaseModelHandle) -> None:
-        key = (id(handle.model), tuple(sorted(handle.attach_ids.items())))
-        if key == self.key:
-            return
-        for hook in self.hooks:
-            hook.remove()
-        self.layers, self.hooks, self.key, self.usable = [], [], key, False
-        if not handle.adapters:
-            return
-        import torch
-        from peft.tuners.lora import LoraLayer
-
-        layers = [m for m in handle.model.modules() if isinstance(m, LoraLayer)]
-        if any(getattr(m, "lora_variant", None) or getattr(m, "merged", False) for m in layers):
-            return  # DoRA and friends, or merged weights: PEFT's own path
-        for m in layers:
-            names = tuple(n for n in m.lora_A if n in handle.adapters)
-            if not names:
-                continue
-            a_all = torch.cat([m.lora_A[n].weight for n in names], dim=0)
-            b_all = torch.cat([m.lora_B[n].weight for n in names], dim=1)
-            layout = tuple((n, m.lora_A[n].weight.shape[0], float(m.scaling[n])) for n in names)
-            self.layers.append(m)
-            self.hooks.append(m.register_forward_hook(partial(self._add_rows, a_all, b_all, layout)))
-        self.usable = True
-
-    def release(self) -> None:
-        """Remove the hooks (a RowLoRA made for one job must not leave idle hooks on the shared model)."""
-        for hook in self.hooks:
-            hook.remove()
-        self.layers, self.hooks, self.key, self.usable = [], [], None, False
-
-    @contextlib.contextmanager
-    def rows(self, adapters: list[str | None]):
-        """Route row i through `adapters[i]` (None: the base) for the forward passes inside."""
-        self.adapters = adapters
-        self.gates = None if all(a is None for a in adapters) else {}  # only base rows: nothing to add
-        for m in self.layers:
-            m._disable_adapters = True
-        try:
-            yield
-        finally:
-            for m in self.layers:
-                m._disable_adapters = False
-            self.gates = None
-
-    def _gate(self, layout: tuple, like):
-        """(rows, 1, ranks): each row's adapter scaling on its own rank block, built once per step and layout."""
-        import torch
-
-        gate = self.gates.get(layout)
-        if gate is None:
-            values = []
-            for adapter in self.adapters:
-                values.append([s if n == adapter else 0.0 for n, rank, s in layout for _ in range(rank)])
-            gate = self.gates[layout] = torch.tensor(values, dtype=like.dtype, device=like.device)[:, None, :]
-        return gate
-
-    def _add_rows(self, a_all, b_all, layout, _module, args, output):
-        if self.gates is None:
-            return None
-        import torch.nn.functional as F
-
-        x = args[0].to(a_all.dtype)
-        hidden = F.linear(x, a_all) * self._gate(layout, a_all)
-        return output + F.linear(hidden, b_all).to(output.dtype)
-
-
 class Batcher:
     """The scheduler and decode loop behind `stage=serve`; `start()` launches its worker thread."""
 
@@ -239,7 +148,6 @@ class Batcher:
         self._long: tuple[Job, Any, int] | None = None  # the prompt prefilled a chunk per step: job, cache, tokens run
         tok = handle.tokenizer
         eos = getattr(handle.model.generation_config, "eos_token_id", None)
-        self.lora = RowLoRA()
         self.eos = {tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -317,16 +225,26 @@ class Batcher:
                 self._prefix = (common, [(layer.keys, layer.values) for layer in cache.layers])
         try:
             while queue or self.running or self.pending:
-                new = [queue.popleft() for _ in range(min(len(queue), self._free_slots()))]
-                self.pending.extend(new)
+                new = []
+                while queue and self._free_slots() and self._may_join(queue[0]):
+                    new.append(queue.popleft())
+                    self.pending.append(new[-1])
                 self._iterate(new)
         finally:
             self._prefix = None
-            self.lora.release()
 
     def _free_slots(self) -> int:
         """Batch slots no running or pending row holds: what the next step takes from the queue."""
         return max(0, self.max_batch - len(self.running) - len(self.pending))
+
+    def _may_join(self, req: Job) -> bool:
+        """Whether `req` may join the running and pending rows: rows on an adapter PEFT cannot batch with others
+        (`handle.solo`, DoRA) decode only with rows on the same adapter; the queue waits behind them in order."""
+        rows = [*self.running, *self.pending]
+        if not rows or not self.handle.solo:
+            return True
+        first = rows[0].adapter
+        return req.adapter == first or (req.adapter not in self.handle.solo and first not in self.handle.solo)
 
     # ------------------------------------------------------------------ the worker
     def _loop(self) -> None:
@@ -344,7 +262,7 @@ class Batcher:
                 if not self.running and not self.pending and len(self.waiting) < self.max_batch:
                     self.cv.wait(timeout=self.wait_s)  # an idle batch: let batch-mates arrive
                 new = []
-                while self.waiting and self._free_slots():
+                while self.waiting and self._free_slots() and self._may_join(self.waiting[0]):
                     new.append(self.waiting.popleft())
                     self.pending.append(new[-1])
             try:
@@ -365,7 +283,6 @@ class Batcher:
 
         handle = self.handle
         with handle.lock, torch.inference_mode():
-            self.lora.sync(handle)
             self._filling.extend(r for r in new if self._admissible(r))
             if self.running:
                 self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1)
@@ -398,13 +315,8 @@ class Batcher:
     def _forward(self, input_ids, mask, positions, rows: list[Job], cache):
         inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "cache": cache}
         inputs |= {"use_cache": True, "logits_to_keep": 1}
-        model, route = self.handle.model, contextlib.nullcontext()
-        if self.handle.adapters and self.lora.usable:
-            model, route = model.get_base_model(), self.lora.rows([r.adapter for r in rows])
-        elif self.handle.adapters:  # PEFT's own mixed-batch path: every row names its adapter
-            inputs["adapter_names"] = [r.adapter or BASE for r in rows]
-        with route:
-            out = model(**inputs)
+        with route(self.handle, [r.adapter for r in rows]) as (model, extra):
+            out = model(**inputs, **extra)
         return out.logits[:, -1, :].float()
 
     def _prefill(self) -> list[Job]:
@@ -610,73 +522,6 @@ def _sample(logits, r: Job):
         scores = scores.clone()
         scores[order[drop]] = -float("inf")
     return torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0]
-
-
-@dataclass
-class Completion:
-    text: str
-    finish: str  # "stop" (end of sequence or `until`) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-
-
-def complete_all(
-    handle: BaseModelHandle,
-    prompts: list[str | list[dict]],
-    *,
-    max_new_tokens: int | list[int],
-    adapter: str | None = None,
-    max_batch: int = 16,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seeds: list[int | None] | None = None,
-    until: list[Callable[[str], bool] | None] | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> list[Completion]:
-    """Every prompt decoded to its end on `adapter` (None: the base) through `Batcher.drain`, in the calling thread.
-
-    Rows retire as they finish and the next prompts take their slots, so no row waits on the longest of its batch;
-    the schedule depends on the prompts alone, so the texts do too. Per prompt: its own token budget, sampling seed
-    and early stop (`until`). `progress(1)` hears of each prompt as it finishes. Used by the local teacher and eval."""
-    from selfalign.errors import SelfAlignError
-    from selfalign.runtime.chat import render_prompt
-    from selfalign.runtime.loader import check_attached, check_context
-
-    check_attached(handle, adapter)
-    tok = handle.tokenizer
-    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    out: list[Completion | None] = [None] * len(prompts)
-    errors: list[str] = []
-
-    def emit(i: int, event: Event) -> None:
-        if event.kind == "done":
-            out[i] = Completion(event.text, event.finish or "stop", event.prompt_tokens, event.completion_tokens)
-            if progress:
-                progress(1)
-        elif event.kind == "error":
-            errors.append(event.text)
-
-    jobs = []
-    for i, prompt in enumerate(prompts):
-        ids = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
-        check_context(handle, len(ids), budgets[i])
-        jobs.append(
-            Job(
-                ids=ids,
-                adapter=adapter,
-                attach_id=handle.attach_ids.get(adapter) if adapter else None,
-                max_new_tokens=budgets[i],
-                emit=partial(emit, i),
-                temperature=temperature,
-                top_p=top_p,
-                seed=seeds[i] if seeds else None,
-                until=until[i] if until else None,
-            )
-        )
-    Batcher(handle, max_batch=max_batch).drain(jobs)
-    if errors:
-        raise SelfAlignError(f"generation failed: {errors[0]}")
-    return out
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:

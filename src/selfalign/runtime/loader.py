@@ -1,8 +1,10 @@
-"""Load a base model once; attach, switch and detach LoRA adapters on it; generate in batches.
+"""Load a base model once, and keep LoRA adapters resident on it: attach, switch, detach, unload.
 
-Every generation names its adapter per row (PEFT's `adapter_names`), so the adapter a request uses is
-fixed when the request is made: switching the active adapter, or a per-call `adapter=` override,
-never changes what another call sees. A lock serialises model mutation and generation.
+An adapter of plain LoRA shape is copied into a slot of the handle's `LoraSlots` (`runtime/lora.py`); one with a
+LoRA variant, or a rank or targets the slots cannot hold, is attached with PEFT's `load_adapter` instead, and the
+reason is kept in `handle.peft` and logged. Generation (`runtime/generate.py`) names each row's adapter, so
+switching the active adapter never changes what a call already made sees. `handle.lock` serialises adapter
+changes and forward passes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import logging
 import os
 import re
 import threading
@@ -21,12 +24,13 @@ from typing import Any
 
 from selfalign.config import CONF_DIR, BaseModelConfig
 from selfalign.errors import SelfAlignError
-from selfalign.runtime.adapters import check_compatible, read_manifest, resolve_adapter_dir
-from selfalign.runtime.chat import chat_template_hash, ensure_chat_template, render_prompt
+from selfalign.runtime.adapters import CONFIG, check_compatible, read_manifest, read_weights, resolve_adapter_dir
+from selfalign.runtime.chat import chat_template_hash, ensure_chat_template
+from selfalign.runtime.lora import BASE, DEFAULT_MAX_RANK, LoraSlots, read_slot_weights
 from selfalign.runtime.models import drop_cache, local_weights_dir
-from selfalign.utils.io import read_yaml
+from selfalign.utils.io import read_json, read_yaml
 
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+log = logging.getLogger(__name__)
 BASE_ALIASES = (BASE, "base", "none", "null")  # what users may write for "no adapter"
 _ATTACH_IDS = itertools.count(1)  # one id per attach, so a reloaded name is told apart from its predecessor
 
@@ -44,7 +48,14 @@ class BaseModelHandle:
     manifests: dict[str, dict] = field(default_factory=dict)
     active: str | None = None  # the adapter calls use when they name none; None = the base
     attach_ids: dict[str, int] = field(default_factory=dict)  # name -> id of the attach that put it there
+    slots: LoraSlots | None = None  # the slot adapters' weights; built on the unwrapped model at load
+    peft: dict[str, str] = field(default_factory=dict)  # adapters on PEFT's path -> why the slots can't hold them
+    solo: set[str] = field(default_factory=set)  # adapters on PEFT's path it cannot batch with others (DoRA)
     lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        if self.slots is None:
+            self.slots = LoraSlots(self.model)
 
     @property
     def name(self) -> str:
@@ -53,15 +64,6 @@ class BaseModelHandle:
     @property
     def context_window(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or self.cfg.max_seq_len)
-
-
-@dataclass
-class Generation:
-    texts: list[str]
-    prompt_tokens: list[int]
-    completion_tokens: list[int]
-    seconds: float
-    adapter: str | None
 
 
 def base_model_presets() -> dict[str, Path]:
@@ -111,10 +113,14 @@ def load_base(
     *,
     cache_dir: str | os.PathLike | None = None,
     qlora: bool = False,
+    lora_slots: int = 2,
+    max_lora_rank: int = DEFAULT_MAX_RANK,
 ) -> BaseModelHandle:
     """The base model for inference (eval, serve, synth's teacher, demo): eval mode, the tokenizer left-padded so
-    a batch's prompts end where generation starts."""
+    a batch's prompts end where generation starts, and LoRA slots for `lora_slots` adapters (they double when
+    full and widen for a higher rank; an adapter of rank above `max_lora_rank` takes PEFT's path)."""
     handle = _load(model_id, device, cache_dir, qlora)
+    handle.slots = LoraSlots(handle.model, capacity=lora_slots, max_rank=max_lora_rank)
     handle.model.eval()
     handle.tokenizer.padding_side = "left"
     return handle
@@ -201,7 +207,7 @@ def apply_adapter(
     slug that is not the base model's, one of `BASE_ALIASES` or one of `reserved` (a server's alias); one path is
     resident under one name; at most `max_adapters` are resident."""
     path = resolve_adapter_dir(adapter_dir, root if root is not None else Path(adapter_dir).parent)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, hash_weights=False)
     check_compatible(manifest, path, handle.name, handle.template_hash)
     name = name or manifest["adapter_id"]
     check_adapter_name(handle, name, reserved)
@@ -218,7 +224,7 @@ def apply_adapter(
                     f"{len(handle.adapters)} adapters are resident, the most this server holds (serve.max_adapters); "
                     "unload one first"
                 )
-            _attach(handle, path, name)  # PEFT's load_adapter leaves the model in eval mode
+            _attach(handle, path, name, read_weights(path, manifest))
             handle.attach_ids[name] = next(_ATTACH_IDS)
         handle.adapters[name] = path
         handle.manifests[name] = manifest
@@ -260,9 +266,34 @@ def attach_timed(handle, planned: list, root: str) -> list[tuple[str, float]]:
     return attached
 
 
+def _attach(handle: BaseModelHandle, path: Path, name: str, data: bytes) -> None:
+    """Copy the adapter (`data`: its checked safetensors bytes) into a slot, or, when the slots cannot hold it,
+    attach it with PEFT (the reason kept in `handle.peft` and logged). Nothing is changed when the weights fail to
+    load."""
+    from safetensors.torch import load
+
+    config = read_json(path / CONFIG)
+    if not isinstance(config, dict):
+        raise SelfAlignError(f"{path / CONFIG}: not a JSON object")
+    try:
+        tensors = load(data)
+        reason = handle.slots.unsupported(config, tensors)
+        if reason is None:
+            handle.slots.load(name, read_slot_weights(config, tensors, data))
+            return
+    except Exception as exc:  # a foreign or corrupt file: one line, nothing changed
+        raise SelfAlignError(f"{path}: adapter failed to load ({type(exc).__name__}: {exc})") from exc
+    log.warning("adapter %s takes PEFT's path, not a slot: %s", name, reason)
+    _attach_peft(handle, path, name)
+    handle.peft[name] = reason
+    if config.get("use_dora"):  # PEFT's per-row `adapter_names` refuses DoRA
+        handle.solo.add(name)
+
+
 @contextlib.contextmanager
 def _gc_paused():
-    """Attaching builds ~2,000 small modules; a GC pass in the middle doubled p95 attach (480 vs 230 ms)."""
+    """Attaching through PEFT builds ~2,000 small modules; a GC pass in the middle doubled p95 attach (480 vs 230
+    ms)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -272,8 +303,8 @@ def _gc_paused():
             gc.enable()
 
 
-def _attach(handle: BaseModelHandle, path: Path, name: str) -> None:
-    """Inject the adapter's layers and load its weights; on failure take the layers out again.
+def _attach_peft(handle: BaseModelHandle, path: Path, name: str) -> None:
+    """Inject the adapter's layers with PEFT and load its weights; on failure take the layers out again.
 
     PEFT injects LoRA layers before it reads the weights, so a failed load would otherwise leave the
     base model changed. The first adapter is wrapped in two steps (as `PeftModel.from_pretrained`
@@ -303,8 +334,7 @@ def _attach(handle: BaseModelHandle, path: Path, name: str) -> None:
 
 
 def _check_finite(model, name: str) -> None:
-    """A ValueError when adapter `name`'s weights hold NaN or inf. Served rows share each layer's matrices, and a NaN
-    there reaches every row of a batch (0 x NaN is NaN), so such an adapter is refused before it can be used."""
+    """A ValueError when adapter `name`'s weights hold NaN or inf (see `read_slot_weights`)."""
     import torch
 
     tensors = [p for n, p in model.named_parameters() if f".{name}." in n]
@@ -331,10 +361,14 @@ def unload_adapter(handle: BaseModelHandle, name: str) -> None:
     with handle.lock:
         if name not in handle.adapters:
             raise SelfAlignError(f"adapter {name!r} is not loaded")
-        if len(handle.adapters) == 1:
-            handle.model = handle.model.unload()  # the last one: back to the plain base model
+        if name in handle.slots:
+            handle.slots.free(name)
+        elif len(handle.peft) == 1:
+            handle.model = handle.model.unload()  # the last one on PEFT's path: back to the plain base model
         else:
             handle.model.delete_adapter(name)
+        handle.peft.pop(name, None)
+        handle.solo.discard(name)
         del handle.adapters[name]
         del handle.manifests[name]
         handle.attach_ids.pop(name, None)
@@ -358,58 +392,6 @@ def resolve_adapter_name(handle: BaseModelHandle, adapter: str | None) -> str | 
     return adapter
 
 
-# --------------------------------------------------------------------------- generation
-
-
-def generate(
-    handle: BaseModelHandle,
-    prompts: list[str | list[dict]],
-    *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    adapter: str | None = None,
-) -> Generation:
-    """Batched generation with left padding; greedy when temperature is 0, seeded sampling otherwise."""
-    import torch
-
-    tok = handle.tokenizer
-    if not prompts:
-        return Generation([], [], [], 0.0, resolve_adapter_name(handle, adapter))
-    texts = [render_prompt(tok, p) for p in prompts]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
-    check_context(handle, max(lengths), max_new_tokens)
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "pad_token_id": tok.pad_token_id,
-        "do_sample": temperature > 0,
-    }
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with handle.lock:
-        name = resolve_adapter_name(handle, adapter)
-        if handle.adapters:  # a PeftModel: name the adapter for every row
-            kwargs["adapter_names"] = [name or BASE] * len(texts)
-        device = next(handle.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if seed is not None:
-            torch.manual_seed(seed)
-            if torch.cuda.is_available():
-                torch.cuda.manual_seed_all(seed)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = handle.model.generate(**batch, **kwargs)
-        seconds = time.perf_counter() - t0
-    new = out[:, batch["input_ids"].shape[1] :]
-    completion = [_until_eos(row.tolist(), tok.eos_token_id) for row in new]
-    decoded = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    return Generation(decoded, lengths, completion, seconds, name)
-
-
 def check_attached(handle: BaseModelHandle, adapter: str | None) -> None:
     """Refuse an adapter name (None: the base) that is not resident on `handle`."""
     if adapter is not None and adapter not in handle.attach_ids:
@@ -423,25 +405,3 @@ def check_context(handle: BaseModelHandle, prompt_tokens: int, max_new_tokens: i
             f"prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
             f"{handle.context_window}-token context window of {handle.name} (shorten it or lower max_new_tokens)"
         )
-
-
-def infer(
-    handle: BaseModelHandle,
-    prompt: str | list[str],
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    adapter: str | None = None,
-) -> str | list[str]:
-    """Answer one prompt (returns a str) or a list (returns a list), with the active or named adapter."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    result = generate(
-        handle, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, adapter=adapter
-    )
-    return result.texts[0] if isinstance(prompt, str) else result.texts
-
-
-def _until_eos(ids: list[int], eos: int) -> int:
-    """Generated tokens up to and including the first end-of-sequence (the rest is padding)."""
-    return ids.index(eos) + 1 if eos in ids else len(ids)

@@ -1,16 +1,14 @@
 """Teacher-forced scoring: how likely a model finds a given answer, with the same rendering and the same per-row
-LoRA routing as decoding (`runtime/batching.py`). Eval's continuous refusal score and the preference stage's log-probs
+LoRA routing as decoding (`runtime/lora.py`). Eval's continuous refusal score and the preference stage's log-probs
 are computed here."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from selfalign.runtime.batching import RowLoRA
 from selfalign.runtime.chat import render_prompt
-from selfalign.runtime.loader import BASE, BaseModelHandle, check_attached
+from selfalign.runtime.loader import BaseModelHandle, check_attached
+from selfalign.runtime.lora import route
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -19,14 +17,6 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: t
     logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = torch.gather(logps, 2, input_ids[:, 1:, None]).squeeze(-1)
     return (picked * answer_mask[:, 1:].to(picked.dtype)).sum(-1)
-
-
-@contextlib.contextmanager
-def _released(lora: RowLoRA):
-    try:
-        yield lora
-    finally:
-        lora.release()
 
 
 def continuation_logprobs(
@@ -49,13 +39,9 @@ def continuation_logprobs(
         )
         for p, t in zip(prompts, tails, strict=True)
     ]
-    lora = RowLoRA()
     out: list[float] = []
-    with handle.lock, torch.inference_mode(), _released(lora):
-        lora.sync(handle)
-        routed = bool(handle.adapters) and lora.usable
-        model = handle.model.get_base_model() if routed else handle.model
-        device = next(model.parameters()).device
+    with handle.lock, torch.inference_mode():
+        device = next(handle.model.parameters()).device
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             width = max(len(h) + len(t) for h, t in chunk)
@@ -67,10 +53,7 @@ def continuation_logprobs(
                 mask[i, : len(head) + len(tail)] = 1
                 answer[i, len(head) : len(head) + len(tail)] = 1
             kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-            route = lora.rows([adapter] * len(chunk)) if routed else contextlib.nullcontext()
-            if handle.adapters and not routed:  # PEFT's own path (LoRA variants): every row names its adapter
-                kwargs["adapter_names"] = [adapter or BASE] * len(chunk)
-            with route:
-                logits = model(**kwargs).logits
+            with route(handle, [adapter] * len(chunk)) as (model, extra):
+                logits = model(**kwargs, **extra).logits
             out += sequence_logps(logits, kwargs["input_ids"], answer.to(device)).tolist()
     return out

@@ -279,6 +279,7 @@ def create_app(
             "adapter_id": m["adapter_id"],
             "version": m["version"],
             "base_model": m["base_model"],
+            "lora": f"peft: {handle.peft[name]}" if name in handle.peft else "slots",  # how its rows are computed
         }
 
     def model_card(model_id: str, **extra) -> dict:

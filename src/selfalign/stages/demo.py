@@ -68,7 +68,8 @@ def policy_answers(kinds: list[str], prompts: list[str], outputs: dict[str, list
 
 def run(cfg: SelfAlignConfig) -> dict:
     from selfalign.runtime.adapters import read_manifest, resolve_adapter_dir
-    from selfalign.runtime.loader import attach_timed, generate, load_base
+    from selfalign.runtime.generate import generate
+    from selfalign.runtime.loader import attach_timed, load_base
 
     planned = []
     for given in cfg.demo.adapters:

@@ -100,7 +100,8 @@ def check_base_model(cfg: BaseModelConfig, cache_dir: str, load: bool) -> Check:
             return Check(name, "pass" if Path(cfg.path).is_dir() else "fail", f"local weights at {cfg.path}")
         gguf = bundled_gguf_path(cfg.gguf_package, cfg.gguf_file)
         return Check(name, "pass", f"found {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB)")
-    from selfalign.runtime.loader import generate, load_base
+    from selfalign.runtime.generate import generate
+    from selfalign.runtime.loader import load_base
 
     t0 = time.perf_counter()
     handle = load_base(cfg, device="cpu", cache_dir=cache_dir)

@@ -9,7 +9,8 @@ from rich.panel import Panel
 from selfalign.config import SelfAlignConfig
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.adapters import preflight
-from selfalign.runtime.loader import BASE_ALIASES, apply_adapter, generate, load_base
+from selfalign.runtime.generate import generate
+from selfalign.runtime.loader import BASE_ALIASES, apply_adapter, load_base
 from selfalign.utils.console import console
 from selfalign.utils.io import write_json
 from selfalign.utils.logging import EventLog

@@ -91,7 +91,7 @@ def build_pair_set(cfg: SelfAlignConfig, persona: dict, load_handle, key: str) -
     (answers decoded on the model `load_handle()` returns, freed before training)."""
     from selfalign.dataops.pairs import Answers, compose_pairs, pair_categories, pair_report, plan_prompts
     from selfalign.eval.metrics import refusal_detect, toxicity_scores
-    from selfalign.runtime.batching import complete_all
+    from selfalign.runtime.generate import complete_all
 
     p = cfg.prefer
     out = Path(p.out)

@@ -61,7 +61,13 @@ def run(cfg: SelfAlignConfig) -> dict:
 
         from selfalign.runtime.server import create_app
 
-        handle = load_base(cfg.base_model, cache_dir=cfg.paths.cache_dir, qlora=cfg.lora.qlora)
+        handle = load_base(
+            cfg.base_model,
+            cache_dir=cfg.paths.cache_dir,
+            qlora=cfg.lora.qlora,
+            lora_slots=cfg.serve.max_adapters,
+            max_lora_rank=cfg.serve.max_lora_rank,
+        )
         for path in cfg.serve.adapters:
             apply_adapter(
                 handle,
