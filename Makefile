@@ -69,6 +69,7 @@ bench: $(VENV)/.setup
 	$(BIN)/python scripts/bench_infer.py
 	$(BIN)/python scripts/bench_serve.py
 	$(BIN)/python scripts/bench_prefill.py
+	$(BIN)/python scripts/bench_precision.py
 	$(BIN)/python scripts/bench_scorers.py
 	$(BIN)/python scripts/bench_synth.py
 	$(BIN)/python scripts/bench_train.py
