@@ -225,17 +225,21 @@ class Batcher:
                 self._prefix = (common, [(layer.keys, layer.values) for layer in cache.layers])
         try:
             while queue or self.running or self.pending:
-                new = []
-                while queue and self._free_slots() and self._may_join(queue[0]):
-                    new.append(queue.popleft())
-                    self.pending.append(new[-1])
-                self._iterate(new)
+                self._iterate(self._take(queue))
         finally:
             self._prefix = None
 
     def _free_slots(self) -> int:
         """Batch slots no running or pending row holds: what the next step takes from the queue."""
         return max(0, self.max_batch - len(self.running) - len(self.pending))
+
+    def _take(self, queue: deque) -> list[Job]:
+        """Jobs moved from the head of `queue` into `pending`, in order, while slots are free and they may join."""
+        new = []
+        while queue and self._free_slots() and self._may_join(queue[0]):
+            new.append(queue.popleft())
+            self.pending.append(new[-1])
+        return new
 
     def _may_join(self, req: Job) -> bool:
         """Whether `req` may join the running and pending rows: rows on an adapter PEFT cannot batch with others
@@ -261,10 +265,7 @@ class Batcher:
                     return
                 if not self.running and not self.pending and len(self.waiting) < self.max_batch:
                     self.cv.wait(timeout=self.wait_s)  # an idle batch: let batch-mates arrive
-                new = []
-                while self.waiting and self._free_slots() and self._may_join(self.waiting[0]):
-                    new.append(self.waiting.popleft())
-                    self.pending.append(new[-1])
+                new = self._take(self.waiting)
             try:
                 self._iterate(new)
             except Exception as exc:  # a failed forward pass fails its rows, never the server

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +45,14 @@ class BaseModelHandle:
     tokenizer: Any
     device: str
     template_hash: str
+    slots: LoraSlots  # the slot adapters' weights; built on the unwrapped model at load
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> dir it was loaded from
     manifests: dict[str, dict] = field(default_factory=dict)
     active: str | None = None  # the adapter calls use when they name none; None = the base
     attach_ids: dict[str, int] = field(default_factory=dict)  # name -> id of the attach that put it there
-    slots: LoraSlots | None = None  # the slot adapters' weights; built on the unwrapped model at load
     peft: dict[str, str] = field(default_factory=dict)  # adapters on PEFT's path -> why the slots can't hold them
     solo: set[str] = field(default_factory=set)  # adapters on PEFT's path it cannot batch with others (DoRA)
     lock: threading.RLock = field(default_factory=threading.RLock)
-
-    def __post_init__(self) -> None:
-        if self.slots is None:
-            self.slots = LoraSlots(self.model)
 
     @property
     def name(self) -> str:
@@ -119,8 +116,7 @@ def load_base(
     """The base model for inference (eval, serve, synth's teacher, demo): eval mode, the tokenizer left-padded so
     a batch's prompts end where generation starts, and LoRA slots for `lora_slots` adapters (they double when
     full and widen for a higher rank; an adapter of rank above `max_lora_rank` takes PEFT's path)."""
-    handle = _load(model_id, device, cache_dir, qlora)
-    handle.slots = LoraSlots(handle.model, capacity=lora_slots, max_rank=max_lora_rank)
+    handle = _load(model_id, device, cache_dir, qlora, partial(LoraSlots, capacity=lora_slots, max_rank=max_lora_rank))
     handle.model.eval()
     handle.tokenizer.padding_side = "left"
     return handle
@@ -135,15 +131,15 @@ def load_for_training(
 ) -> BaseModelHandle:
     """The base model to put a LoRA adapter on and train: train mode (dropout live), the tokenizer right-padded
     (labels follow the text; padding is masked out of the loss)."""
-    handle = _load(model_id, device, cache_dir, qlora)
+    handle = _load(model_id, device, cache_dir, qlora, LoraSlots)
     handle.model.train()
     handle.tokenizer.padding_side = "right"
     return handle
 
 
-def _load(model_id: str | BaseModelConfig, device: str, cache_dir, qlora: bool) -> BaseModelHandle:
-    """Weights (from the local cache, built once), tokenizer with a pad token and a chat template, on `device`;
-    no mode or padding side: the two public loaders set those for their use."""
+def _load(model_id: str | BaseModelConfig, device: str, cache_dir, qlora: bool, slots) -> BaseModelHandle:
+    """Weights (from the local cache, built once), tokenizer with a pad token and a chat template, on `device`, and
+    `slots(model)` for LoRA adapters; no mode or padding side: the two public loaders set those for their use."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -187,7 +183,7 @@ def _load(model_id: str | BaseModelConfig, device: str, cache_dir, qlora: bool) 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer, cfg)
-    return BaseModelHandle(cfg, model, tokenizer, device, chat_template_hash(tokenizer))
+    return BaseModelHandle(cfg, model, tokenizer, device, chat_template_hash(tokenizer), slots(model))
 
 
 # --------------------------------------------------------------------------- adapters

@@ -67,12 +67,9 @@ def unsupported(config: dict, tensors: dict, model_modules: dict, max_rank: int)
     rank = int(config.get("r", 0))
     if rank > max_rank:
         return f"rank {rank} is above the slots' maximum {max_rank}"
-    halves: dict[str, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.fullmatch(key)
-        if match is None:
-            return f"tensor {key!r} is not a LoRA A or B weight"
-        halves.setdefault(match["module"], {})[match["half"]] = tensor
+    halves = _halves(tensors)
+    if isinstance(halves, str):
+        return halves
     for module, pair in halves.items():
         target = model_modules.get(module)
         if not isinstance(target, torch.nn.Linear):
@@ -94,15 +91,23 @@ def read_slot_weights(config: dict, tensors: dict, data: bytes | None = None) ->
 
     rank = int(config["r"])
     alpha = float(config.get("lora_alpha", rank))
-    pairs: dict[str, list] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.fullmatch(key)
-        pairs.setdefault(match["module"], [None, None])[0 if match["half"] == "A" else 1] = tensor
+    pairs = {module: (pair["A"], pair["B"]) for module, pair in _halves(tensors).items()}
     bad = 0 if _all_finite(data) else sum(not bool(torch.isfinite(t).all()) for pair in pairs.values() for t in pair)
     if bad:
         raise ValueError(f"{bad} of {2 * len(pairs)} weight tensors hold NaN or inf values")
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return SlotWeights({m: (a, b) for m, (a, b) in pairs.items()}, rank, scaling)
+    return SlotWeights(pairs, rank, scaling)
+
+
+def _halves(tensors: dict) -> dict[str, dict[str, Any]] | str:
+    """Each target module's LoRA weights by half (`{"A": ..., "B": ...}`), or why a tensor is not one of them."""
+    halves: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            return f"tensor {key!r} is not a LoRA A or B weight"
+        halves.setdefault(match["module"], {})[match["half"]] = tensor
+    return halves
 
 
 def _all_finite(data: bytes | None) -> bool:
@@ -146,7 +151,6 @@ class LoraSlots:
     """
 
     def __init__(self, model, *, capacity: int = 2, max_rank: int = DEFAULT_MAX_RANK):
-        self.model = model
         self.capacity, self.rank, self.max_rank = max(1, capacity), 0, max_rank
         self.layers: dict[str, _Layer] = {}
         self.slots: dict[str, int] = {}  # adapter name -> slot
