@@ -1,9 +1,15 @@
 """Benchmark the batching server against one-request-at-a-time serving, with the real `openai` client over 127.0.0.1.
 
 Prints one JSON object on stdout; progress goes to stderr. For each server it starts `stage=serve` in a subprocess
-with two random LoRA adapters resident, then for 1, 4, 8 and 16 concurrent clients has every client send
+with two random LoRA adapters resident, then for 1, 8, 16 and 32 concurrent clients has every client send
 `--requests` chat requests in a row (`max_tokens=--tokens`, greedy), half the clients on each adapter. It reports
 requests/s, completion tokens/s, and p50/p95 latency per level.
+
+Every answer is `--tokens` long (the request's `min_tokens`; `vllm bench serve` likewise ignores end-of-sequence
+for a fixed output length): the ceiling below assumes steps of N busy rows, and when answers end early the clients
+that drew short ones run out of requests while the others still decode, so a level's last seconds run on few rows.
+`--natural-length` lets end-of-sequence end answers: that measures the clients' tail as well as the batching
+(DECISIONS.md "One thread computes").
 
 It also measures, in this process, the base model's decode step (one token for N rows, over a cache of
 `--context` tokens, the median of 20) for one row and for each batch size a level fills, and the **ceiling** that
@@ -15,7 +21,7 @@ The baseline, in the same run, is one request at a time: this server with `serve
 `--baseline-src DIR`, the `src/` of another checkout (for example the commit before batching) served the same way.
 
     python scripts/bench_serve.py [--model smollm2_135m] [--clients 1 8 16 32] [--requests 2] [--tokens 64]
-        [--baseline-src /path/to/old/checkout/src]
+        [--baseline-src /path/to/old/checkout/src] [--natural-length]
 """
 
 from __future__ import annotations
@@ -146,7 +152,7 @@ def pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 3)
 
 
-def level(url: str, clients: int, requests: int, tokens: int) -> dict:
+def level(url: str, clients: int, requests: int, tokens: int, natural: bool = False) -> dict:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -160,6 +166,7 @@ def level(url: str, clients: int, requests: int, tokens: int) -> dict:
                 messages=[{"role": "user", "content": PROMPTS[(c + r) % len(PROMPTS)]}],
                 max_tokens=tokens,
                 temperature=0,
+                extra_body=None if natural else {"min_tokens": tokens},
             )
             out.append((time.perf_counter() - start, reply.usage.completion_tokens))
         return out
@@ -186,7 +193,7 @@ def bench(name: str, model: str, root: Path, tmp: Path, src: Path, args, *extra:
         level(url, 1, 1, 8)  # warm-up: first-call allocations
         rows = []
         for clients in args.clients:
-            row = level(url, clients, args.requests, args.tokens)
+            row = level(url, clients, args.requests, args.tokens, args.natural_length)
             log(f"{name}: {row}")
             rows.append(row)
         return rows
@@ -203,7 +210,10 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=96, help="cache length of the measured decode steps")
     parser.add_argument("--requests", type=int, default=2, help="requests per client, sent one after another")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--baseline-src", type=Path, default=None, help="serve the baseline from this src/ instead")
+    parser.add_argument(
+        "--baseline-src", type=Path, default=None, help="serve the baseline from this src/ (one that takes min_tokens)"
+    )
+    parser.add_argument("--natural-length", action="store_true", help="answers end at end-of-sequence")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp_name:
@@ -232,7 +242,7 @@ def main() -> int:
         json.dumps(
             {
                 "model": args.model,
-                "tokens_per_request": args.tokens,
+                "tokens_per_request": f"up to {args.tokens}" if args.natural_length else args.tokens,
                 "requests_per_client": args.requests,
                 "baseline": {"server": baseline_name, "levels": baseline},
                 "batched": {"server": f"serve.max_batch={args.max_batch}", "levels": batched},

@@ -1,7 +1,8 @@
 """Where a batched decode's time goes: the real scheduler (`Batcher.drain`), each part timed around its real call.
 
-Prints one JSON object on stdout. Two random adapters on `--model`; `--jobs` greedy jobs of `--tokens` new tokens,
-alternating between them, over `--max-batch` slots. Reported: wall time and steps; seconds in decode forward
+Prints one JSON object on stdout. Two random adapters on `--model`; `--jobs` greedy jobs of `--tokens` new tokens
+(end-of-sequence held back until then, as `scripts/bench_serve.py` does, unless `--natural-length`), alternating
+between them, over `--max-batch` slots. Reported: wall time and steps; seconds in decode forward
 passes, prefill passes, sampling (`_pick`), retiring and detokenizing (`_retire`), and the rest of each step; then
 a `--max-batch`-row decode step (median of 10, over a 96-token cache) on the base alone and with the rows routed
 to the two adapters through the LoRA slots' hooks (`runtime/lora.py`), whose difference is what the hooks cost;
@@ -9,6 +10,7 @@ and `--max-batch` jobs, then one job alone, drained under PyTorch's profiler: th
 time and their share.
 
     python scripts/profile_engine.py [--model smollm2_135m] [--jobs 32] [--tokens 64] [--max-batch 16]
+        [--natural-length]
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--natural-length", action="store_true", help="answers end at end-of-sequence")
     args = parser.parse_args()
 
     from selfalign.runtime.batching import Batcher, Job
@@ -115,7 +118,8 @@ def main() -> int:
         for i in range(n):
             ids = tok(render_prompt(tok, PROMPTS[i % len(PROMPTS)]), add_special_tokens=False)["input_ids"]
             name = "AB"[i % 2]
-            out.append(Job(ids, name, handle.attach_ids[name], args.tokens, heard))
+            least = 0 if args.natural_length else args.tokens
+            out.append(Job(ids, name, handle.attach_ids[name], args.tokens, heard, min_new_tokens=least))
         return out
 
     batcher = Timed(handle, max_batch=args.max_batch)

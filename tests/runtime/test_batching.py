@@ -11,7 +11,7 @@ import pytest
 
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.adapters import write_random_adapter
-from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _safe_prefix
+from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _safe_prefix, in_own_thread
 from selfalign.runtime.chat import render_prompt
 from selfalign.runtime.generate import complete_all
 from selfalign.runtime.loader import apply_adapter, load_base, unload_adapter
@@ -226,6 +226,47 @@ def test_unload_waits_for_running_rows_and_fails_queued_ones(handle):
         assert batcher.stats()["running"] == 0
     finally:
         batcher.close()
+
+
+def test_adapter_work_runs_in_the_worker_between_steps_and_errors_come_back(handle):
+    """`Batcher.call` runs in the worker thread while a row decodes, returns its result, raises its error in the
+    caller; with no worker it runs in the caller. `in_own_thread` does the same in a thread that ends with the call."""
+    batcher = Batcher(handle, max_batch=1).start()
+    try:
+        got = Collector()
+        batcher.submit(job(handle, PROMPTS[1], "alpha", got, "running", max_new=200))
+        while batcher.stats()["running"] == 0:
+            time.sleep(0.01)
+        ran_in, rows = batcher.call(lambda: (threading.current_thread(), len(batcher.running)))
+        assert ran_in is batcher.thread and rows == 1  # between two steps of the running row
+        with pytest.raises(SelfAlignError, match="'nobody' is not loaded"):
+            batcher.call(unload_adapter, handle, "nobody")
+        got.wait()
+        assert got.final("running").completion_tokens == 200  # the row went on around the calls
+    finally:
+        batcher.close()
+    assert batcher.call(threading.current_thread) is threading.current_thread()  # no worker: the caller's thread
+    ran_in = in_own_thread(threading.current_thread)
+    assert ran_in is not threading.current_thread() and not ran_in.is_alive()
+    with pytest.raises(ZeroDivisionError):
+        in_own_thread(lambda: 1 / 0)
+
+
+def test_min_new_tokens_holds_back_end_of_sequence(handle):
+    """With `min_new_tokens`, end-of-sequence is never picked before that many tokens; up to where it would have
+    been picked, the answer is the same. A token the unconstrained answer picks at step 4 is made end-of-sequence."""
+    batcher = Batcher(handle)
+    free = job(handle, PROMPTS[2], "alpha", Collector(), "free", max_new=12)
+    batcher.drain([free])
+    end = free.out[3]
+    batcher.eos = {end}
+    ended, held = (job(handle, PROMPTS[2], "alpha", Collector(), k, max_new=12, min_new_tokens=9) for k in "ab")
+    ended.min_new_tokens = 0
+    batcher.drain([ended, held])
+    first = free.out.index(end)
+    assert ended.out == free.out[: first + 1]  # stopped at the first pick of `end`
+    assert len(held.out) >= 9 and end not in held.out[:8]
+    assert held.out[:first] == free.out[:first]
 
 
 def test_submit_refuses_an_adapter_being_unloaded(handle):

@@ -122,6 +122,13 @@ def test_models_chat_swap_and_stream(setup):
         (
             "POST",
             "/v1/chat/completions",
+            {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8, "min_tokens": 9},
+            400,
+            "min_tokens=9 is above max_tokens=8",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
             {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
             404,
             "model 'nope' not found",
@@ -200,6 +207,16 @@ def test_content_as_a_list_of_text_parts_is_the_same_prompt(setup):
     parts = [{"type": "text", "text": PROMPTS[0][:5]}, {"type": "text", "text": PROMPTS[0][5:]}]
     reply = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": parts}], max_tokens=MAX)
     assert reply.choices[0].message.content == refs["alpha"][0]
+
+
+def test_min_tokens_is_taken_as_vllm_takes_it(setup):
+    """`min_tokens` (vLLM's extension, sent in the body as `extra_body`): every answer runs to it."""
+    server, _, refs, _ = setup
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    for i, prompt in enumerate(PROMPTS):
+        reply = chat(client, "alpha", prompt, extra_body={"min_tokens": MAX})
+        assert reply.usage.completion_tokens == MAX
+        assert reply.choices[0].message.content.startswith(refs["alpha"][i])
 
 
 def test_a_disconnected_stream_stops_its_generation(setup):

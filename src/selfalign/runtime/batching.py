@@ -23,10 +23,17 @@ shorter side on the left, and retired rows are cut out (and the all-padding colu
 own position ids, so a row's tokens never depend on its batch-mates beyond floating-point rounding; tests check
 greedy answers token for token against one-at-a-time generation.
 
-Adapter safety: a request names its adapter and that adapter's attach id when it arrives. Adapter management
-(`handle.lock`) happens between decode steps, never inside one. A request whose adapter was unloaded or replaced
-before it started fails with 409; `unload` waits for the rows already decoding on that adapter and fails the
-queued ones with 409. The queue is bounded: `submit` raises `QueueFull` (the server's 429).
+Adapter safety: a request names its adapter and that adapter's attach id when it arrives. Adapter management happens
+between decode steps, never inside one: in the worker thread itself (`Batcher.call`). A request whose adapter was
+unloaded or replaced before it started fails with 409; `unload` waits for the rows already decoding on that adapter and
+fails the queued ones with 409. The queue is bounded: `submit` raises `QueueFull` (the server's 429).
+
+One thread computes. OpenMP (PyTorch's CPU threads, and MKL's) keeps a pool of helper threads for every thread that
+has run a parallel operator, and libgomp stops its helpers spinning between operators once it manages more threads
+than there are cores; then every operator waits for its helpers to wake. A server whose model was loaded in the main
+thread and decoded in this worker decoded 8 rows 1.6x slower for it (DECISIONS.md "One thread computes"). So in a
+server all tensor work runs in the worker: the model is loaded in a thread that ends with the load (`in_own_thread`),
+and adapters are attached and unloaded through `Batcher.call`. `drain` computes in the calling thread.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +89,7 @@ class Job:
     attach_id: int | None  # the adapter's attach id on arrival; a different one later means it was replaced
     max_new_tokens: int
     emit: Callable[[Event], None]  # called from the worker thread; must be thread-safe and quick
+    min_new_tokens: int = 0  # end-of-sequence is not picked before this many tokens (vLLM's `min_tokens`)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -93,6 +102,22 @@ class Job:
     sent: str = ""
     generator: Any = None
     failed: Event | None = None  # set when this row alone cannot go on; it is retired with this error
+
+
+def in_own_thread(fn: Callable[..., Any], /, *args, **kwargs) -> Any:
+    """`fn(*args, **kwargs)` run in a thread that ends with it; its result, or its exception raised here. For the work
+    a server does before its `Batcher` starts (loading the model), so that no other thread keeps an OpenMP pool (see
+    the module docstring)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="selfalign-load", daemon=True).start()
+    return future.result()
 
 
 def split_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -136,6 +161,7 @@ class Batcher:
         self.running: list[Job] = []  # rows in the decode state, in its row order
         self.pending: list[Job] = []  # taken from the queue, not yet prefilled to their first token
         self.draining: set[str] = set()
+        self.calls: deque[tuple[Future, Callable[[], Any]]] = deque()  # work for the worker, between decode steps
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="selfalign-batcher", daemon=True)
         # decode state of the running batch, touched by the worker only
@@ -161,6 +187,19 @@ class Batcher:
             self.closed = True
             self.cv.notify_all()
         self.thread.join(timeout=30)
+
+    def call(self, fn: Callable[..., Any], /, *args, **kwargs) -> Any:
+        """`fn(*args, **kwargs)` run by the worker between two decode steps (see the module docstring); its result, or
+        its exception raised here. Runs it in the calling thread when no worker runs or the caller is the worker."""
+        if threading.current_thread() is self.thread or not self.thread.is_alive():
+            return fn(*args, **kwargs)
+        future: Future = Future()
+        with self.cv:
+            if self.closed:
+                raise Rejected(503, "shutting_down", "the server is shutting down")
+            self.calls.append((future, lambda: fn(*args, **kwargs)))
+            self.cv.notify_all()
+        return future.result()
 
     def submit(self, req: Job) -> None:
         with self.cv:
@@ -197,10 +236,9 @@ class Batcher:
             except BaseException:
                 self.draining.discard(name)
                 raise
-        # Nothing can start on `name` now (the queue holds none and submit refuses it); handle.lock (taken
-        # outside `cv`, so the worker never waits on us in the other order) puts this between decode steps.
+        # Nothing can start on `name` now (the queue holds none and submit refuses it).
         try:
-            unload_adapter(self.handle, name)
+            self.call(unload_adapter, self.handle, name)
         finally:
             with self.cv:
                 self.draining.discard(name)
@@ -254,18 +292,31 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self.waiting and not self.running and not self.pending and not self.closed:
+                while not (self.waiting or self.running or self.pending or self.calls or self.closed):
                     self.cv.wait()
                 if self.closed:
                     for req in [*self.waiting, *self.pending, *self.running]:
                         req.emit(Event("error", status=503, code="shutting_down", text="the server is shutting down"))
+                    for future, _ in self.calls:
+                        future.set_exception(Rejected(503, "shutting_down", "the server is shutting down"))
                     self.waiting.clear()
                     self.pending.clear()
                     self.running.clear()
+                    self.calls.clear()
                     return
-                if not self.running and not self.pending and len(self.waiting) < self.max_batch:
-                    self.cv.wait(timeout=self.wait_s)  # an idle batch: let batch-mates arrive
-                new = self._take(self.waiting)
+                calls = list(self.calls)
+                self.calls.clear()
+                if not calls:
+                    if not self.running and not self.pending and len(self.waiting) < self.max_batch:
+                        self.cv.wait(timeout=self.wait_s)  # an idle batch: let batch-mates arrive
+                    new = self._take(self.waiting)
+            if calls:
+                for future, work in calls:
+                    try:
+                        future.set_result(work())
+                    except BaseException as exc:  # raised again in the caller's thread
+                        future.set_exception(exc)
+                continue
             try:
                 self._iterate(new)
             except Exception as exc:  # a failed forward pass fails its rows, never the server
@@ -433,8 +484,15 @@ class Batcher:
         """Each row's next token with its own settings, appended to the row; the tokens as a tensor."""
         import torch
 
-        tokens = logits.argmax(dim=-1)
         finite = torch.isfinite(logits).all(dim=-1).tolist()
+        early = [i for i, r in enumerate(rows) if len(r.out) < r.min_new_tokens]
+        if early:
+            index = (
+                torch.tensor(early, device=logits.device)[:, None],
+                torch.tensor(sorted(self.eos), device=logits.device),
+            )
+            logits[index] = -float("inf")
+        tokens = logits.argmax(dim=-1)
         for i, r in enumerate(rows):
             if r.failed is None and not finite[i]:
                 r.failed = _row_error(500, "generation_failed", NON_FINITE)

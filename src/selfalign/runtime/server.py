@@ -73,6 +73,7 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, gt=0)
     max_completion_tokens: int | None = Field(default=None, gt=0)
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end-of-sequence before this many tokens
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -327,6 +328,8 @@ def create_app(
                 f"max_tokens={max_new} is above this server's limit of {max_tokens_limit} (serve.max_tokens_limit)",
                 "max_tokens_too_large",
             )
+        if req.min_tokens > max_new:
+            raise ApiError(400, f"min_tokens={req.min_tokens} is above max_tokens={max_new}", "invalid_request")
         messages = [m.model_dump() for m in req.messages]
         ids = await run_in_threadpool(tokenize, messages)  # a long prompt must not stall the event loop
         check_context(handle, len(ids), max_new)  # a SelfAlignError: 400
@@ -336,6 +339,7 @@ def create_app(
             adapter=adapter,
             attach_id=attach_id,
             max_new_tokens=max_new,
+            min_new_tokens=req.min_tokens,
             emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             temperature=req.temperature,
             top_p=req.top_p,
@@ -425,9 +429,17 @@ def create_app(
             return {"active": handle.active, "adapters": [adapter_info(n) for n in handle.adapters]}
 
     def load(path: str, name: str | None, activate: bool) -> dict:
+        """Attach in the batch worker, between two decode steps; `attach_ms` counts the wait for the step in hand."""
         t0 = time.perf_counter()
-        loaded = apply_adapter(
-            handle, path, root=root, name=name, activate=activate, reserved=(alias,), max_adapters=settings.max_adapters
+        loaded = batcher.call(
+            apply_adapter,
+            handle,
+            path,
+            root=root,
+            name=name,
+            activate=activate,
+            reserved=(alias,),
+            max_adapters=settings.max_adapters,
         )
         return {
             **adapter_info(loaded),

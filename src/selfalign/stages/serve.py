@@ -7,7 +7,8 @@ import socket
 
 from selfalign.config import SelfAlignConfig, is_loopback
 from selfalign.errors import SelfAlignError
-from selfalign.runtime.loader import apply_adapter, load_base
+from selfalign.runtime.batching import in_own_thread
+from selfalign.runtime.loader import BaseModelHandle, apply_adapter, load_base
 from selfalign.utils.console import console
 from selfalign.utils.logging import EventLog
 
@@ -53,6 +54,27 @@ def preflight(cfg: SelfAlignConfig) -> str | None:
     return key
 
 
+def load(cfg: SelfAlignConfig) -> BaseModelHandle:
+    """The base model with `serve.adapters` resident."""
+    handle = load_base(
+        cfg.base_model,
+        cache_dir=cfg.paths.cache_dir,
+        qlora=cfg.lora.qlora,
+        lora_slots=cfg.serve.max_adapters,
+        max_lora_rank=cfg.serve.max_lora_rank,
+    )
+    for path in cfg.serve.adapters:
+        apply_adapter(
+            handle,
+            path,
+            root=cfg.paths.adapters_dir,
+            activate=False,
+            reserved=(cfg.serve.model_alias,),
+            max_adapters=cfg.serve.max_adapters,
+        )
+    return handle
+
+
 def run(cfg: SelfAlignConfig) -> dict:
     key = preflight(cfg)
     sock = bind(cfg.serve.host, cfg.serve.port)
@@ -61,22 +83,7 @@ def run(cfg: SelfAlignConfig) -> dict:
 
         from selfalign.runtime.server import create_app
 
-        handle = load_base(
-            cfg.base_model,
-            cache_dir=cfg.paths.cache_dir,
-            qlora=cfg.lora.qlora,
-            lora_slots=cfg.serve.max_adapters,
-            max_lora_rank=cfg.serve.max_lora_rank,
-        )
-        for path in cfg.serve.adapters:
-            apply_adapter(
-                handle,
-                path,
-                root=cfg.paths.adapters_dir,
-                activate=False,
-                reserved=(cfg.serve.model_alias,),
-                max_adapters=cfg.serve.max_adapters,
-            )
+        handle = in_own_thread(load, cfg)  # the batch worker is to be the one thread that computes
     except BaseException:
         sock.close()
         raise
