@@ -204,15 +204,22 @@ def test_a_full_queue_refuses_and_a_cancelled_row_frees_its_slot(handle):
         batcher.close()
 
 
+def with_a_running_row(handle, adapter, got, max_new):
+    """A started one-row batcher, returned once its row (key "running") decodes."""
+    batcher = Batcher(handle, max_batch=1).start()
+    batcher.submit(job(handle, PROMPTS[1], adapter, got, "running", max_new=max_new))
+    deadline = time.monotonic() + 60
+    while batcher.stats()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return batcher
+
+
 def test_unload_waits_for_running_rows_and_fails_queued_ones(handle):
     write_random_adapter_once(handle)
     apply_adapter(handle, "gamma", root=handle.root, activate=False)
-    batcher = Batcher(handle, max_batch=1).start()
+    got = Collector()
+    batcher = with_a_running_row(handle, "gamma", got, max_new=300)
     try:
-        got = Collector()
-        batcher.submit(job(handle, PROMPTS[1], "gamma", got, "running", max_new=300))
-        while batcher.stats()["running"] == 0:
-            time.sleep(0.01)
         batcher.submit(job(handle, PROMPTS[0], "gamma", got, "queued", max_new=4))
         batcher.unload("gamma")  # returns once the running row is done
         assert "gamma" not in handle.adapters
@@ -231,12 +238,9 @@ def test_unload_waits_for_running_rows_and_fails_queued_ones(handle):
 def test_adapter_work_runs_in_the_worker_between_steps_and_errors_come_back(handle):
     """`Batcher.call` runs in the worker thread while a row decodes, returns its result, raises its error in the
     caller; with no worker it runs in the caller. `in_own_thread` does the same in a thread that ends with the call."""
-    batcher = Batcher(handle, max_batch=1).start()
+    got = Collector()
+    batcher = with_a_running_row(handle, "alpha", got, max_new=200)
     try:
-        got = Collector()
-        batcher.submit(job(handle, PROMPTS[1], "alpha", got, "running", max_new=200))
-        while batcher.stats()["running"] == 0:
-            time.sleep(0.01)
         ran_in, rows = batcher.call(lambda: (threading.current_thread(), len(batcher.running)))
         assert ran_in is batcher.thread and rows == 1  # between two steps of the running row
         with pytest.raises(SelfAlignError, match="'nobody' is not loaded"):
