@@ -19,9 +19,10 @@ over that ceiling.
 
 The baseline, in the same run, is one request at a time: this server with `serve.max_batch=1`, or, with
 `--baseline-src DIR`, the `src/` of another checkout (for example the commit before batching) served the same way.
+`--without-prefix-cache` also runs the batched server with `serve.prefix_cache_tokens=0`, for the prefix cache's share.
 
     python scripts/bench_serve.py [--model smollm2_135m] [--clients 1 8 16 32] [--requests 2] [--tokens 64]
-        [--baseline-src /path/to/old/checkout/src] [--natural-length]
+        [--baseline-src /path/to/old/checkout/src] [--natural-length] [--without-prefix-cache]
 """
 
 from __future__ import annotations
@@ -214,6 +215,9 @@ def main() -> int:
         "--baseline-src", type=Path, default=None, help="serve the baseline from this src/ (one that takes min_tokens)"
     )
     parser.add_argument("--natural-length", action="store_true", help="answers end at end-of-sequence")
+    parser.add_argument(
+        "--without-prefix-cache", action="store_true", help="also run the batched server with its prefix cache off"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp_name:
@@ -228,6 +232,18 @@ def main() -> int:
             baseline_name = "one at a time (serve.max_batch=1)"
             baseline = bench("baseline", args.model, root, tmp, src, args, "serve.max_batch=1")
         batched = bench("batched", args.model, root, tmp, src, args, f"serve.max_batch={args.max_batch}")
+        uncached = None
+        if args.without_prefix_cache:
+            uncached = bench(
+                "batched, no prefix cache",
+                args.model,
+                root,
+                tmp,
+                src,
+                args,
+                f"serve.max_batch={args.max_batch}",
+                "serve.prefix_cache_tokens=0",
+            )
     rows = sorted({1, *(min(c, args.max_batch) for c in args.clients)})
     steps = decode_steps(args.model, rows, args.context)
     speedup = {
@@ -237,6 +253,16 @@ def main() -> int:
     filled = {str(c): min(c, args.max_batch) for c in args.clients}  # rows one decode step runs at each level
     ceiling = {c: round(n * steps[1] / steps[n], 2) for c, n in filled.items()}
     fraction = {c: round(speedup[c] / ceiling[c], 3) for c in ceiling}
+    extra = {}
+    if uncached is not None:
+        extra["batched_no_prefix_cache"] = {
+            "server": f"serve.max_batch={args.max_batch} serve.prefix_cache_tokens=0",
+            "levels": uncached,
+            "fraction_of_ceiling": {
+                str(b["clients"]): round(b["requests_per_s"] / a["requests_per_s"] / ceiling[str(b["clients"])], 3)
+                for a, b in zip(baseline, uncached, strict=True)
+            },
+        }
     p95_1 = (baseline[0]["p95_latency_s"], batched[0]["p95_latency_s"]) if args.clients[0] == 1 else None
     print(
         json.dumps(
@@ -252,6 +278,7 @@ def main() -> int:
                 "ceiling_speedup": ceiling,
                 "fraction_of_ceiling": fraction,
                 "p95_latency_1_client_s": None if p95_1 is None else {"baseline": p95_1[0], "batched": p95_1[1]},
+                **extra,
             },
             indent=1,
         )

@@ -2,12 +2,12 @@
 
 Prints one JSON object on stdout. Two random adapters on `--model`; `--jobs` greedy jobs of `--tokens` new tokens
 (end-of-sequence held back until then, as `scripts/bench_serve.py` does, unless `--natural-length`), alternating
-between them, over `--max-batch` slots. Reported: wall time and steps; seconds in decode forward
-passes, prefill passes, sampling (`_pick`), retiring and detokenizing (`_retire`), and the rest of each step; then
-a `--max-batch`-row decode step (median of 10, over a 96-token cache) on the base alone and with the rows routed
-to the two adapters through the LoRA slots' hooks (`runtime/lora.py`), whose difference is what the hooks cost;
-and `--max-batch` jobs, then one job alone, drained under PyTorch's profiler: the operators with the most self CPU
-time and their share.
+between them, over `--max-batch` slots, with the server's prefill chunk and prefix cache. Reported: wall time and
+steps; seconds in decode forward passes, prefill passes, sampling (`_pick`), retiring and detokenizing (`_retire`),
+and the rest of each step; then a `--max-batch`-row decode step (median of 10, over a 96-token cache) on the base
+alone and with the rows routed to the two adapters through the LoRA slots' hooks (`runtime/lora.py`), whose
+difference is what the hooks cost; and `--max-batch` jobs, then one job alone, drained under PyTorch's profiler: the
+operators with the most self CPU time and their share.
 
     python scripts/profile_engine.py [--model smollm2_135m] [--jobs 32] [--tokens 64] [--max-batch 16]
         [--natural-length]
@@ -66,6 +66,7 @@ def main() -> int:
     parser.add_argument("--natural-length", action="store_true", help="answers end at end-of-sequence")
     args = parser.parse_args()
 
+    from selfalign.config import ServeConfig
     from selfalign.runtime.batching import Batcher, Job
     from selfalign.runtime.chat import render_prompt
     from selfalign.runtime.loader import apply_adapter, load_base
@@ -122,7 +123,13 @@ def main() -> int:
             out.append(Job(ids, name, handle.attach_ids[name], args.tokens, heard, min_new_tokens=least))
         return out
 
-    batcher = Timed(handle, max_batch=args.max_batch)
+    serve = ServeConfig()  # scheduled as the server schedules: its prefill chunk and prefix cache
+    batcher = Timed(
+        handle,
+        max_batch=args.max_batch,
+        prefill_chunk=serve.prefill_chunk,
+        prefix_cache_tokens=serve.prefix_cache_tokens,
+    )
     batcher.drain(jobs(4))  # warm-up
     seconds.clear()
     calls.clear()

@@ -374,6 +374,9 @@ class ServeConfig:
     # Prompt tokens prefilled per decode step: a longer prompt is prefilled a chunk per step, so running streams
     # keep producing tokens (0.39 s per 256 tokens on 2 CPU cores for the 135M model; DECISIONS.md "Chunked prefill")
     prefill_chunk: int = 256
+    # Prompt tokens whose keys and values are kept, per adapter, so a prompt that starts as a recent one did (a
+    # system prompt) prefills only the rest (runtime/prefix.py; 46 KB per token for the 135M model); 0: off
+    prefix_cache_tokens: int = 2048
     timeout_s: float = 30.0  # stage=swap's HTTP timeout
 
     def __post_init__(self) -> None:
@@ -389,6 +392,8 @@ class ServeConfig:
                 raise ValueError(f"serve.{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"serve.batch_wait_ms must be in 0..1000 (got {self.batch_wait_ms})")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"serve.prefix_cache_tokens must be >= 0 (got {self.prefix_cache_tokens})")
         if self.prefill_chunk < 16:
             raise ValueError(f"serve.prefill_chunk must be >= 16 tokens (got {self.prefill_chunk})")
 

@@ -11,12 +11,13 @@ import pytest
 
 from selfalign.errors import SelfAlignError
 from selfalign.runtime.adapters import write_random_adapter
-from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _safe_prefix, in_own_thread
+from selfalign.runtime.batching import Batcher, Job, QueueFull, Rejected, _common_prefix, _safe_prefix, in_own_thread
 from selfalign.runtime.chat import render_prompt
 from selfalign.runtime.generate import complete_all
 from selfalign.runtime.loader import apply_adapter, load_base, unload_adapter
 from tests.runtime.reference import HFReference
 
+ADAPTERS = (None, "alpha", "beta")
 PROMPTS = [
     "Name a colour.",
     "Tell me about rivers and why they always seem to find their way to the sea.",
@@ -199,7 +200,14 @@ def test_a_full_queue_refuses_and_a_cancelled_row_frees_its_slot(handle):
         got.wait(timeout=60)
         assert got.final("queued").kind == "done" and time.time() - start < 10
         assert (got.final("long").status, got.final("long").code) == (499, "client_closed")  # its handler ends
-        assert batcher.stats() == {"waiting": 0, "running": 0, "max_batch": 1, "max_queue": 1}
+        stats = batcher.stats()
+        assert {k: stats[k] for k in ("waiting", "running", "max_batch", "max_queue")} == {
+            "waiting": 0,
+            "running": 0,
+            "max_batch": 1,
+            "max_queue": 1,
+        }
+        assert stats["prompt_tokens"] > 0 and stats["prefix_hit_tokens"] == 0  # no prefix cache here
     finally:
         batcher.close()
 
@@ -407,6 +415,62 @@ def test_whole_prompts_are_prefilled_together_up_to_the_chunk(handle):
     for i in range(8):
         ref = generate(handle, [PROMPTS[i % 4]], max_new_tokens=4, adapter="base")
         assert got.final(i).text == ref.texts[0], i
+
+
+def test_the_prefix_cache_prefills_only_what_no_recent_prompt_shared(handle):
+    """Server mode (`prefix_cache_tokens`): a second wave of prompts that open with the first wave's system prompt,
+    on the base and both adapters, prefills only what follows the longest prefix a recent prompt on the same adapter
+    held (rows with different known prefixes share one pass), a repeated prompt prefills one token, and every answer
+    equals one-at-a-time generation token for token."""
+    system = {"role": "system", "content": "You are a careful assistant who answers in plain words. " * 3}
+    first = [[system, {"role": "user", "content": p}] for p in PROMPTS[:2]]
+    second = [[system, {"role": "user", "content": p}] for p in PROMPTS[2:]] + first[:1]
+    batcher = Recording(handle, max_batch=16, wait_ms=0, prefill_chunk=256, prefix_cache_tokens=4096)
+    got = Collector()
+
+    def wave(prompts, tag):
+        jobs = {
+            (tag, a, i): job(handle, p, a, got, (tag, a, i), max_new=8) for a in ADAPTERS for i, p in enumerate(prompts)
+        }
+        batcher.drain(list(jobs.values()))
+        return jobs
+
+    jobs = wave(first, 1)
+    shared = _common_prefix([j.ids for j in jobs.values()])  # the system prompt and the user turn's opening
+    start = len(batcher.passes)
+    jobs |= wave(second, 2)
+    for (tag, adapter, i), j in jobs.items():
+        prompts = first if tag == 1 else second
+        ref = generate(handle, [prompts[i]], max_new_tokens=8, adapter=adapter or "base")
+        assert (got.final((tag, adapter, i)).text, len(j.out)) == (ref.texts[0], ref.completion_tokens[0])
+        if tag == 2:
+            assert j.skip == (len(j.ids) - 1 if prompts[i] is first[0] else shared), (adapter, i)
+    widths = [width for kind, _, width, _ in batcher.passes[start:] if kind == "prefill"]
+    assert widths and max(widths) == max(len(j.ids) - j.skip for (tag, *_), j in jobs.items() if tag == 2)
+    assert batcher.stats()["prefix_hit_tokens"] == sum(j.skip for j in jobs.values())
+    assert batcher.stats()["prompt_tokens"] == sum(len(j.ids) for j in jobs.values())
+    kept = {(j.adapter, tuple(j.ids)) for j in jobs.values()}  # every prompt once per adapter: the repeat is not
+    assert (
+        batcher.prefixes.tokens == sum(len(ids) for _, ids in kept) == sum(len(e[1]) for e in batcher.prefixes.entries)
+    )
+
+
+def test_a_long_prompt_is_chunked_after_its_known_prefix(handle):
+    """With the prefix cache, a long prompt that opens as a recent one did is prefilled in chunks from where the
+    shared prefix ends; its answer equals one-at-a-time generation."""
+    system = {"role": "system", "content": "You are a careful assistant who answers in plain words. " * 3}
+    batcher = Recording(handle, max_batch=4, wait_ms=0, prefill_chunk=32, prefix_cache_tokens=4096)
+    got = Collector()
+    batcher.drain([job(handle, [system, {"role": "user", "content": PROMPTS[0]}], "alpha", got, "short", max_new=4)])
+    prompt = [system, {"role": "user", "content": long_prompt(handle, 150)}]
+    long = job(handle, prompt, "alpha", got, "long", max_new=6)
+    start = len(batcher.passes)
+    batcher.drain([long])
+    ref = generate(handle, [prompt], max_new_tokens=6, adapter="alpha")
+    assert (got.final("long").text, got.final("long").completion_tokens) == (ref.texts[0], ref.completion_tokens[0])
+    assert long.skip > 0
+    chunks = [width for kind, _, width, _ in batcher.passes[start:] if kind == "prefill"]
+    assert len(chunks) == -(-(len(long.ids) - long.skip) // 32) and max(chunks) <= 32
 
 
 def test_slot_and_peft_path_adapters_share_a_batch(tmp_path):

@@ -219,6 +219,20 @@ def test_min_tokens_is_taken_as_vllm_takes_it(setup):
         assert reply.choices[0].message.content.startswith(refs["alpha"][i])
 
 
+def test_a_repeated_prompt_is_prefilled_from_the_prefix_cache(setup):
+    """The second time a prompt comes, all but its last token come from the prefix cache (`/v1/status` counts them)
+    and the answer is the same."""
+    server, _, refs, _ = setup
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    before = http("GET", f"{server.url}/v1/status")[1]["queue"]
+    replies = [chat(client, "alpha", PROMPTS[2]) for _ in range(2)]
+    after = http("GET", f"{server.url}/v1/status")[1]["queue"]
+    assert [r.choices[0].message.content for r in replies] == [refs["alpha"][2]] * 2
+    prompt = replies[0].usage.prompt_tokens
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 2 * prompt
+    assert after["prefix_hit_tokens"] - before["prefix_hit_tokens"] >= prompt - 1
+
+
 def test_a_disconnected_stream_stops_its_generation(setup):
     """A client that hangs up mid-stream frees the model: the next request is not queued behind the rest."""
     import json

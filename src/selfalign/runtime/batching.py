@@ -8,7 +8,8 @@ One worker thread owns generation. Each iteration it
    that many tokens (rows x padded width), and one longer prompt a chunk of that size per step, on its own cache,
    until its last chunk gives its first token. So a long prompt never stalls the running streams for more than a
    chunk's prefill per token (DECISIONS.md "Chunked prefill"); `None` (offline jobs: eval, the teacher) prefills
-   every newcomer at once;
+   every newcomer at once. A prompt prefills only what follows its known prefix: in a server, the longest prefix
+   a recent prompt on the same adapter shared (`runtime/prefix.py`); in `drain`, the prefix all its jobs share;
 4. picks each row's next token with that row's own settings (greedy, or temperature/top-p with a generator seeded
    from the request), streams the new text, and retires rows that hit end-of-sequence, `max_tokens`, a stop
    string, or whose client went away; their slots are free at the next iteration. A row that cannot go on
@@ -50,6 +51,7 @@ from typing import Any
 
 from selfalign.runtime.loader import BaseModelHandle, unload_adapter
 from selfalign.runtime.lora import route
+from selfalign.runtime.prefix import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     # worker state
     out: list[int] = field(default_factory=list)
+    skip: int = 0  # leading prompt tokens whose keys and values are already known (`prefix`): not prefilled again
+    prefix: list | None = None  # per layer, (keys, values) of those tokens, shape (1, kv heads, skip, head dim)
     sent: str = ""
     generator: Any = None
     failed: Event | None = None  # set when this row alone cannot go on; it is retired with this error
@@ -152,10 +156,14 @@ class Batcher:
         max_queue: int = 64,
         wait_ms: float = 5.0,
         prefill_chunk: int | None = None,
+        prefix_cache_tokens: int = 0,
     ):
         self.handle = handle
         self.max_batch, self.max_queue, self.wait_s = max_batch, max_queue, wait_ms / 1000.0
         self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per step; None: every newcomer at once
+        # the server's prefix cache (`runtime/prefix.py`); None (offline jobs): prompts share only `drain`'s prefix
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.prompt_tokens = self.hit_tokens = 0
         self.cv = threading.Condition()
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []  # rows in the decode state, in its row order
@@ -169,7 +177,6 @@ class Batcher:
         self._mask = None  # (rows, columns) long: 1 for real tokens, left padding 0
         self._pos = None  # (rows,) the next position id of each row
         self._last = None  # (rows,) the last token of each row
-        self._prefix: tuple[int, list] | None = None  # (length, per-layer keys and values) every newcomer starts with
         self._filling: list[Job] = []  # admitted, waiting for (the rest of) their prefill, in arrival order
         self._long: tuple[Job, Any, int] | None = None  # the prompt prefilled a chunk per step: job, cache, tokens run
         tok = handle.tokenizer
@@ -219,6 +226,8 @@ class Batcher:
                 "running": len(self.running),
                 "max_batch": self.max_batch,
                 "max_queue": self.max_queue,
+                "prompt_tokens": self.prompt_tokens,  # prefilled so far, and how many of them came from a known prefix
+                "prefix_hit_tokens": self.hit_tokens,
             }
 
     def unload(self, name: str, timeout: float = 600.0) -> None:
@@ -238,10 +247,15 @@ class Batcher:
                 raise
         # Nothing can start on `name` now (the queue holds none and submit refuses it).
         try:
-            self.call(unload_adapter, self.handle, name)
+            self.call(self._unload, name)
         finally:
             with self.cv:
                 self.draining.discard(name)
+
+    def _unload(self, name: str) -> None:
+        unload_adapter(self.handle, name)
+        if self.prefixes is not None:
+            self.prefixes.drop(name)
 
     def drain(self, jobs: list[Job], share_prefix: int = 32) -> None:
         """Run `jobs` to the end in the calling thread (no worker): at every step the free slots take the next jobs
@@ -260,12 +274,10 @@ class Batcher:
                 ids = torch.tensor([jobs[0].ids[:common]], device=self._device())
                 positions, cache = torch.arange(common, device=ids.device)[None], DynamicCache()
                 self._forward(ids, torch.ones_like(ids), positions, [jobs[0]], cache)
-                self._prefix = (common, [(layer.keys, layer.values) for layer in cache.layers])
-        try:
-            while queue or self.running or self.pending:
-                self._iterate(self._take(queue))
-        finally:
-            self._prefix = None
+            for j in jobs:
+                j.skip, j.prefix = common, [(layer.keys, layer.values) for layer in cache.layers]
+        while queue or self.running or self.pending:
+            self._iterate(self._take(queue))
 
     def _free_slots(self) -> int:
         """Batch slots no running or pending row holds: what the next step takes from the queue."""
@@ -379,12 +391,16 @@ class Batcher:
             r.emit(_GONE)
             if self._long is not None and self._long[0] is r:
                 self._long = None
-        budget, skip = self.prefill_chunk, (self._prefix[0] if self._prefix else 0)
+        if self.prefixes is not None:  # looked up again while a job waits: an earlier group may have added its prefix
+            for r in self._filling:
+                if r.prefix is None and r is not (self._long[0] if self._long else None):
+                    r.skip, r.prefix = self.prefixes.find((r.adapter, r.attach_id), r.ids)
+        budget = self.prefill_chunk
         long_job = self._long[0] if self._long else None
         group: list[Job] = []
         width = 0
         for r in self._filling:
-            need = len(r.ids) - skip
+            need = len(r.ids) - r.skip
             if r is long_job or (budget is not None and need > budget):
                 continue
             if budget is not None and group and (len(group) + 1) * max(width, need) > budget:
@@ -394,40 +410,67 @@ class Batcher:
         if group:
             self._prefill_group(group)
         if budget is not None and self._long is None:
-            long_job = next((r for r in self._filling if len(r.ids) - skip > budget), None)
+            long_job = next((r for r in self._filling if len(r.ids) - r.skip > budget), None)
             if long_job is not None:
-                self._long = (long_job, self._prefix_cache(1), skip)
+                self._long = (long_job, self._prefix_cache([long_job]), long_job.skip)
         ready = group + ([long_job] if long_job is not None and self._prefill_chunk() else [])
+        for r in ready:
+            self.prompt_tokens, self.hit_tokens = self.prompt_tokens + len(r.ids), self.hit_tokens + r.skip
         for r in ready:
             self._filling.remove(r)
         return ready
 
-    def _prefix_cache(self, rows: int):
-        """A cache holding the shared prefix's keys and values (`drain`'s `share_prefix`) for `rows` rows."""
+    def _prefix_cache(self, rows: list[Job]):
+        """A cache holding each row's known prefix (`Job.prefix`), left-padded to the longest (empty: none has one)."""
+        import torch
         from transformers import DynamicCache
 
-        cache = DynamicCache()
-        for layer, (keys, values) in enumerate(self._prefix[1] if self._prefix else []):
-            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
+        cache, width = DynamicCache(), max(r.skip for r in rows)
+        known = next((r.prefix for r in rows if r.skip), [])
+        for layer, (keys, values) in enumerate(known):
+            blank = (  # a row with no known prefix
+                keys.new_zeros((1, keys.shape[1], width, keys.shape[3])),
+                values.new_zeros((1, values.shape[1], width, values.shape[3])),
+            )
+            rows_kv = [
+                (_pad_left(r.prefix[layer][0], width - r.skip), _pad_left(r.prefix[layer][1], width - r.skip))
+                if r.skip
+                else blank
+                for r in rows
+            ]
+            cache.update(torch.cat([k for k, _ in rows_kv]), torch.cat([v for _, v in rows_kv]), layer)
         return cache
 
     def _prefill_group(self, new: list[Job]) -> None:
-        """Prefill whole prompts together (left-padded, as `generate` does) and merge them into the running batch."""
+        """Prefill whole prompts together, after each one's known prefix ([left padding | prefix | left padding |
+        rest], as `generate` pads), merge them into the running batch, and keep their keys and values in the prefix
+        cache."""
         import torch
 
-        skip = self._prefix[0] if self._prefix else 0  # tokens every newcomer starts with, already run once
-        width = max(len(r.ids) for r in new) - skip
+        known, width = max(r.skip for r in new), max(len(r.ids) - r.skip for r in new)
         ids = torch.full((len(new), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
+        rest = torch.zeros((len(new), width), dtype=torch.long)
+        before = torch.zeros((len(new), known), dtype=torch.long)
         for i, r in enumerate(new):
-            ids[i, width - len(r.ids) + skip :] = torch.tensor(r.ids[skip:])
-            mask[i, width - len(r.ids) + skip :] = 1
-        positions = skip + (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        mask = torch.cat([mask.new_ones(len(new), skip), mask], dim=1)  # [prefix | left-padded rest]
+            ids[i, width - len(r.ids) + r.skip :] = torch.tensor(r.ids[r.skip :])
+            rest[i, width - len(r.ids) + r.skip :] = 1
+            before[i, known - r.skip :] = 1
+        skips = torch.tensor([r.skip for r in new])[:, None]
+        positions = skips + (rest.cumsum(-1) - 1).masked_fill(rest == 0, 1)
+        mask = torch.cat([before, rest], dim=1)
         device = self._device()
-        cache = self._prefix_cache(len(new))
+        cache = self._prefix_cache(new)
         logits = self._forward(ids.to(device), mask.to(device), positions.to(device), new, cache)
         mask = mask.to(device)
+        if self.prefixes is not None:
+            for i, r in enumerate(new):
+                columns = mask[i].nonzero()[:, 0]
+                layers = [
+                    (layer.keys[i : i + 1, :, columns], layer.values[i : i + 1, :, columns]) for layer in cache.layers
+                ]
+                self.prefixes.add((r.adapter, r.attach_id), r.ids, layers)
+        for r in new:
+            r.prefix = None  # the running cache holds it now
         self._join(cache, mask, mask.sum(-1), self._first_tokens(logits, new))
 
     def _prefill_chunk(self) -> bool:
@@ -444,7 +487,10 @@ class Batcher:
         if done + n < len(job.ids):
             self._long = (job, cache, done + n)
             return False
-        self._long = None
+        self._long, job.prefix = None, None
+        if self.prefixes is not None:
+            layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+            self.prefixes.add((job.adapter, job.attach_id), job.ids, layers)
         self._join(cache, mask, mask.sum(-1), self._first_tokens(logits, [job]))
         return True
 

@@ -198,6 +198,7 @@ def create_app(
         max_queue=settings.max_queue,
         wait_ms=settings.batch_wait_ms,
         prefill_chunk=settings.prefill_chunk,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
     )
 
     @contextlib.asynccontextmanager
