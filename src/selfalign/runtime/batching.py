@@ -415,9 +415,8 @@ class Batcher:
                 self._long = (long_job, self._prefix_cache([long_job]), long_job.skip)
         ready = group + ([long_job] if long_job is not None and self._prefill_chunk() else [])
         for r in ready:
-            self.prompt_tokens, self.hit_tokens = self.prompt_tokens + len(r.ids), self.hit_tokens + r.skip
-        for r in ready:
             self._filling.remove(r)
+            self.prompt_tokens, self.hit_tokens = self.prompt_tokens + len(r.ids), self.hit_tokens + r.skip
         return ready
 
     def _prefix_cache(self, rows: list[Job]):
