@@ -41,9 +41,10 @@ class PrefixCache:
     def add(self, key: Key, ids: list[int], layers: Layers) -> None:
         """Keep `layers` (the keys and values of all of `ids`) as an entry, dropping the least recently used."""
         entry = (key, tuple(ids))
-        if entry in self.entries or len(ids) > self.max_tokens:
-            if entry in self.entries:
-                self.entries.move_to_end(entry)
+        if entry in self.entries:
+            self.entries.move_to_end(entry)
+            return
+        if len(ids) > self.max_tokens:
             return
         self.entries[entry] = layers
         self.tokens += len(ids)
