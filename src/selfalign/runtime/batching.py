@@ -47,6 +47,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from selfalign.runtime.loader import BaseModelHandle, unload_adapter
@@ -113,15 +114,18 @@ def in_own_thread(fn: Callable[..., Any], /, *args, **kwargs) -> Any:
     a server does before its `Batcher` starts (loading the model), so that no other thread keeps an OpenMP pool (see
     the module docstring)."""
     future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="selfalign-load", daemon=True).start()
+    threading.Thread(
+        target=_settle, args=(future, partial(fn, *args, **kwargs)), name="selfalign-load", daemon=True
+    ).start()
     return future.result()
+
+
+def _settle(future: Future, work: Callable[[], Any]) -> None:
+    """Run `work` and put its result, or its exception, in `future` (for the thread waiting on it)."""
+    try:
+        future.set_result(work())
+    except BaseException as exc:
+        future.set_exception(exc)
 
 
 def split_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -204,7 +208,7 @@ class Batcher:
         with self.cv:
             if self.closed:
                 raise Rejected(503, "shutting_down", "the server is shutting down")
-            self.calls.append((future, lambda: fn(*args, **kwargs)))
+            self.calls.append((future, partial(fn, *args, **kwargs)))
             self.cv.notify_all()
         return future.result()
 
@@ -324,10 +328,7 @@ class Batcher:
                     new = self._take(self.waiting)
             if calls:
                 for future, work in calls:
-                    try:
-                        future.set_result(work())
-                    except BaseException as exc:  # raised again in the caller's thread
-                        future.set_exception(exc)
+                    _settle(future, work)
                 continue
             try:
                 self._iterate(new)
@@ -391,12 +392,12 @@ class Batcher:
             r.emit(_GONE)
             if self._long is not None and self._long[0] is r:
                 self._long = None
-        if self.prefixes is not None:  # looked up again while a job waits: an earlier group may have added its prefix
-            for r in self._filling:
-                if r.prefix is None and r is not (self._long[0] if self._long else None):
-                    r.skip, r.prefix = self.prefixes.find((r.adapter, r.attach_id), r.ids)
         budget = self.prefill_chunk
         long_job = self._long[0] if self._long else None
+        if self.prefixes is not None:  # looked up again while a job waits: an earlier group may have added its prefix
+            for r in self._filling:
+                if r.prefix is None and r is not long_job:
+                    r.skip, r.prefix = self.prefixes.find((r.adapter, r.attach_id), r.ids)
         group: list[Job] = []
         width = 0
         for r in self._filling:

@@ -181,7 +181,7 @@ class LoraSlots:
             if layer.hook is None:
                 layer.hook = layer.module.register_forward_hook(partial(self._add_rows, layer))
         self.slots[name], self.scaling[name] = free, weights.scaling
-        self._width = (max(self.slots.values()) + 1) * self.rank
+        self._width = self._occupied()
 
     def free(self, name: str) -> None:
         """Empty an adapter's slot (zeroed, so a lower-rank successor's padding is zero)."""
@@ -194,7 +194,7 @@ class LoraSlots:
             for layer in self.layers.values():
                 layer.a[lo:hi].zero_()
                 layer.b[:, lo:hi].zero_()
-        self._width = (max(self.slots.values()) + 1) * self.rank if self.slots else 0
+        self._width = self._occupied()
         if not self.slots:  # the slots stay allocated for the next attach; idle hooks would cost every forward pass
             for layer in self.layers.values():
                 layer.hook.remove()
@@ -223,6 +223,10 @@ class LoraSlots:
             self._gate = None
 
     # ------------------------------------------------------------------ internals
+    def _occupied(self) -> int:
+        """Columns up to the end of the highest occupied slot (kept in `_width`: the hooks read it at every layer)."""
+        return (max(self.slots.values()) + 1) * self.rank if self.slots else 0
+
     def _add_layer(self, module: str, dtype) -> _Layer:
         layer = self.layers[module] = _Layer(self._modules[module], self.capacity, self.rank, dtype)
         return layer
